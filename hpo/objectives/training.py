@@ -1,0 +1,280 @@
+"""The generic supervised training loop.
+
+Fast on purpose, because an HPO service spends its time here: the data stays as tensors (one permutation per epoch,
+contiguous slices of it as mini-batches, no DataLoader), no host sync inside an epoch (the training loss is summed
+on the device and read once per epoch, which is also where divergence is checked), validation runs in one pass
+under ``inference_mode``, and small models use the optimizers' single-tensor code path, which has less per-step
+overhead than the ``foreach`` one.
+
+Each epoch reports the study's metric (``val_accuracy``, ``val_loss`` or ``train_loss``) to the trial and asks the
+pruner. A loss that becomes NaN or infinite prunes the trial with ``reason=diverged`` and the epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from hpo import data as data_sources
+from hpo.models import cnn, mlp
+from hpo.objectives import Context
+from hpo.spec import TrainingObjective
+
+METRICS = ("val_accuracy", "val_loss", "train_loss", "val_error")
+#: Below this many parameters the single-tensor optimizer path is faster than ``foreach``.
+SMALL_MODEL = 200_000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A trial's resolved settings: the objective's defaults overridden by the trial's parameters."""
+
+    batch_size: int
+    lr: float
+    epochs: int
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    layers: tuple[int, ...]
+    activation: str
+    channels: tuple[int, ...]
+
+
+def resolve_config(obj: TrainingObjective, params: dict[str, Any]) -> TrainConfig:
+    """Merge defaults and parameters; ``n_layers`` x ``units`` or ``layers`` set the hidden layers."""
+    d = obj.defaults.model_dump()
+    layers = list(obj.model.layers)
+    if "layers" in params:
+        layers = list(params["layers"]) if isinstance(params["layers"], list) else [int(params["layers"])]
+    elif "n_layers" in params or "units" in params:
+        n = int(params.get("n_layers", len(layers)))
+        units = int(params.get("units", layers[0] if layers else 10))
+        layers = [units] * n
+    channels = params.get("channels", obj.model.channels)
+    return TrainConfig(
+        batch_size=int(params.get("batch_size", d["batch_size"])),
+        lr=float(params.get("lr", d["lr"])),
+        epochs=int(params.get("epochs", d["epochs"])),
+        optimizer=str(params.get("optimizer", d["optimizer"])),
+        momentum=float(params.get("momentum", d["momentum"])),
+        weight_decay=float(params.get("weight_decay", d["weight_decay"])),
+        beta1=float(params.get("beta1", d["beta1"])),
+        beta2=float(params.get("beta2", d["beta2"])),
+        layers=tuple(layers),
+        activation=str(params.get("activation", obj.model.activation)),
+        channels=tuple(channels if isinstance(channels, list) else [int(channels)]),
+    )
+
+
+def build_model(obj: TrainingObjective, cfg: TrainConfig, input_shape: tuple[int, ...], n_out: int) -> nn.Module:
+    if obj.model.kind == "cnn":
+        if len(input_shape) not in (2, 3):
+            raise optuna.exceptions.OptunaError("cnn needs (C, L) or (C, H, W) inputs")
+        return cnn(input_shape, list(cfg.channels), n_out, cfg.activation)
+    return mlp(math.prod(input_shape), list(cfg.layers), n_out, cfg.activation)
+
+
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """sgd, sgd_momentum, adam, adamw, rmsprop with the trial's lr, momentum, weight decay and betas."""
+    small = sum(p.numel() for p in params) < SMALL_MODEL
+    fast = {"foreach": False} if small else {}
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+    if cfg.optimizer == "sgd_momentum":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **fast)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **fast)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+class Loss:
+    """The lesson's ``mse`` (on a sigmoid output), ``bce`` on logits, or ``cross_entropy``."""
+
+    def __init__(self, kind: str, n_classes: int) -> None:
+        if kind in ("mse", "bce") and n_classes != 2:
+            raise ValueError(f"loss {kind!r} is for two classes; this data has {n_classes}")
+        self.kind = kind
+        self.n_out = 1 if kind in ("mse", "bce") else n_classes
+
+    def target(self, y: torch.Tensor) -> torch.Tensor:
+        return y.float().unsqueeze(1) if self.n_out == 1 else y
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mse":
+            return nn.functional.mse_loss(torch.sigmoid(out), target)
+        if self.kind == "bce":
+            return nn.functional.binary_cross_entropy_with_logits(out, target)
+        return nn.functional.cross_entropy(out, target)
+
+    def correct(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.n_out == 1:
+            return ((out > 0).float() == target).sum()
+        return (out.argmax(1) == target).sum()
+
+
+class Diverged(Exception):
+    pass
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+
+    def metric(self, name: str) -> float:
+        if name == "val_error":
+            return 1.0 - self.val_accuracy
+        return float(getattr(self, name))
+
+
+def evaluate(model: nn.Module, loss: Loss, x: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """Loss and accuracy over a whole split in one pass (chunked for large splits)."""
+    model.eval()
+    total_loss = torch.zeros(())
+    correct = torch.zeros(())
+    n = len(x)
+    chunk = 8192
+    with torch.inference_mode():
+        for i in range(0, n, chunk):
+            out = model(x[i : i + chunk])
+            t = target[i : i + chunk]
+            total_loss += loss(out, t) * len(t)
+            correct += loss.correct(out, t)
+    model.train()
+    return float(total_loss) / n, float(correct) / n
+
+
+def train(
+    obj: TrainingObjective,
+    params: dict[str, Any],
+    seed: int,
+    *,
+    device: str = "cpu",
+    on_epoch: Any = None,
+    check_stop: Any = None,
+) -> tuple[nn.Module, list[EpochResult]]:
+    """Train one configuration; ``on_epoch(result)`` runs after each epoch (reporting, pruning).
+
+    Raises:
+        Diverged: the training or validation loss became NaN or infinite.
+    """
+    splits = data_sources.load(obj.data)
+    cfg = resolve_config(obj, params)
+    loss = Loss(obj.loss, splits.n_classes)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model(obj, cfg, splits.input_shape, loss.n_out).to(device)
+    opt = build_optimizer(cfg, list(model.parameters()))
+    x = torch.from_numpy(splits.x_train).to(device)
+    y = loss.target(torch.from_numpy(splits.y_train)).to(device)
+    xv = torch.from_numpy(splits.x_val).to(device)
+    yv = loss.target(torch.from_numpy(splits.y_val)).to(device)
+    n, bs = len(x), cfg.batch_size
+    history: list[EpochResult] = []
+    for epoch in range(1, cfg.epochs + 1):
+        perm = torch.randperm(n, generator=gen).to(device)
+        xs, ys = x[perm], y[perm]
+        total = torch.zeros((), device=device)
+        steps = 0
+        for i in range(0, n, bs):
+            if check_stop is not None:
+                check_stop()
+            out = model(xs[i : i + bs])
+            batch_loss = loss(out, ys[i : i + bs])
+            opt.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            opt.step()
+            total += batch_loss.detach()
+            steps += 1
+        train_loss = float(total) / steps
+        if not math.isfinite(train_loss):
+            raise Diverged(f"training loss became {train_loss} in epoch {epoch}", epoch)
+        val_loss, val_acc = evaluate(model, loss, xv, yv)
+        if not math.isfinite(val_loss):
+            raise Diverged(f"validation loss became {val_loss} in epoch {epoch}", epoch)
+        result = EpochResult(epoch, train_loss, val_loss, val_acc)
+        history.append(result)
+        if on_epoch is not None:
+            on_epoch(result)
+    return model, history
+
+
+def test_accuracy(obj: TrainingObjective, model: nn.Module, device: str = "cpu") -> float:
+    """Accuracy on the held-out test split (never used for selection)."""
+    splits = data_sources.load(obj.data)
+    if len(splits.y_test) == 0:
+        raise optuna.exceptions.OptunaError("this data source has no test split")
+    loss = Loss(obj.loss, splits.n_classes)
+    xt = torch.from_numpy(splits.x_test).to(device)
+    yt = loss.target(torch.from_numpy(splits.y_test)).to(device)
+    return evaluate(model, loss, xt, yt)[1]
+
+
+def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
+    """Train the trial's configuration; report the study's metric every epoch; prune on request or divergence."""
+    obj = ctx.spec.objective
+    assert isinstance(obj, TrainingObjective)
+    metric = ctx.spec.metric
+    if metric not in METRICS:
+        raise optuna.exceptions.OptunaError(f"metric {metric!r} is not produced by the training objective")
+    curve: list[float] = []
+    started = time.perf_counter()
+
+    def on_epoch(r: EpochResult) -> None:
+        curve.append(round(r.train_loss, 6))
+        value = r.metric(metric)
+        trial.report(value, r.epoch)
+        if trial.should_prune():
+            trial.set_user_attr("epochs_reached", r.epoch)
+            trial.set_user_attr("train_loss", curve)
+            trial.set_user_attr("reason", "pruned")
+            raise optuna.TrialPruned(f"pruned at epoch {r.epoch} with {metric}={value:.4g}")
+
+    try:
+        model, history = train(
+            obj, ctx.params, ctx.seed, device=ctx.device, on_epoch=on_epoch, check_stop=ctx.check_stop
+        )
+    except Diverged as exc:
+        trial.set_user_attr("reason", "diverged")
+        trial.set_user_attr("diverged_epoch", exc.args[1])
+        trial.set_user_attr("epochs_reached", exc.args[1] - 1)
+        trial.set_user_attr("train_loss", curve)
+        raise optuna.TrialPruned(f"diverged: {exc.args[0]}") from None
+    last = history[-1]
+    trial.set_user_attr("epochs_reached", last.epoch)
+    trial.set_user_attr("train_loss", curve)
+    trial.set_user_attr("val_loss", round(last.val_loss, 6))
+    trial.set_user_attr("val_accuracy", round(last.val_accuracy, 6))
+    trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))
+    if obj.evaluate_test:
+        trial.set_user_attr("test_accuracy", test_accuracy(obj, model, ctx.device))
+    return last.metric(metric)
+
+
+def evaluate_on_test(spec: Any, frozen: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    """Re-train a stored trial with its seed and parameters; return (its metric again, test accuracy)."""
+    from hpo import space
+    from hpo.errors import HpoError
+
+    obj = spec.objective
+    if not isinstance(obj, TrainingObjective):
+        raise HpoError(f"evaluate: the {obj.kind!r} objective has no test split to evaluate on")
+    params = space.suggest(optuna.trial.FixedTrial(frozen.params, frozen.number), spec.space)
+    seed = int(frozen.user_attrs.get("seed", 0))
+    model, history = train(obj, params, seed, device=str(frozen.user_attrs.get("device", "cpu")))
+    return history[-1].metric(spec.metric), test_accuracy(obj, model, str(frozen.user_attrs.get("device", "cpu")))

@@ -1,0 +1,486 @@
+"""Study files: YAML validated by pydantic into a :class:`StudySpec`.
+
+Nothing else in hpo reads YAML. Every error names the file and the field path, on one line::
+
+    studies/x.yaml: space.lr.low: must be > 0 for a log scale
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hpo.errors import SpecError
+
+Scalar = Union[bool, int, float, str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- search space
+
+
+class IntParam(_Strict):
+    """An integer range, optionally on a log scale: ``{type: int, low: 16, high: 1024, log: true}``."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+    when: dict[str, list[Scalar]] | None = None
+    grid: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        _check_range(self.low, self.high, self.log)
+        if self.step < 1:
+            raise ValueError("step: must be >= 1")
+        if self.log and self.step != 1:
+            raise ValueError("step: must be 1 on a log scale")
+        return self
+
+
+class FloatParam(_Strict):
+    """A float range: ``{type: float, low: 0.001, high: 10, log: true}``."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+    when: dict[str, list[Scalar]] | None = None
+    grid: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite")
+        _check_range(self.low, self.high, self.log)
+        if self.step is not None and (self.step <= 0 or self.log):
+            raise ValueError("step: must be > 0 and only on a linear scale")
+        return self
+
+
+class ChoiceParam(_Strict):
+    """A categorical: ``{choices: [sgd, adam]}``. Lists are allowed as choices (``[[10], [64, 64]]``)."""
+
+    choices: list[Scalar | list[Scalar]] = Field(min_length=1)
+    when: dict[str, list[Scalar]] | None = None
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, v: list[Any]) -> list[Any]:
+        keys = [repr(c) for c in v]
+        if len(set(keys)) != len(keys):
+            raise ValueError("choices must be distinct")
+        return v
+
+
+class FixedParam(_Strict):
+    """A fixed value that still appears as a parameter: ``{value: 0.9}`` (or just ``0.9``)."""
+
+    value: Scalar | list[Scalar]
+    when: dict[str, list[Scalar]] | None = None
+
+
+def _check_range(low: float, high: float, log: bool) -> None:
+    if low > high:
+        raise ValueError(f"low ({low}) must be <= high ({high})")
+    if log and low <= 0:
+        raise ValueError("low: must be > 0 for a log scale")
+
+
+_PARAM_TAGS: dict[type, str] = {}
+
+
+def _param_tag(v: Any) -> str:
+    if isinstance(v, BaseModel):
+        return _PARAM_TAGS[type(v)]
+    if isinstance(v, dict):
+        if "choices" in v:
+            return "choices"
+        if "value" in v:
+            return "fixed"
+        return str(v.get("type", "missing-type"))
+    return "scalar"
+
+
+_PARAM_TAGS.update({IntParam: "int", FloatParam: "float", ChoiceParam: "choices", FixedParam: "fixed"})
+
+ParamSpec = Annotated[
+    Annotated[IntParam, Tag("int")]
+    | Annotated[FloatParam, Tag("float")]
+    | Annotated[ChoiceParam, Tag("choices")]
+    | Annotated[FixedParam, Tag("fixed")]
+    | Annotated[Scalar, Tag("scalar")],
+    Discriminator(
+        _param_tag,
+        custom_error_type="param",
+        custom_error_message="must be a value, {choices: [...]}, {value: ...} or {type: int|float, low, high}",
+    ),
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SpiralsData(_Strict):
+    """Two interlaced spirals, exactly as the lesson draws them (see EXERCISE.md)."""
+
+    source: Literal["spirals"]
+    n_train: int = Field(4000, ge=2)
+    n_val: int = Field(1000, ge=2)
+    n_test: int = Field(1000, ge=0)
+    noise: float = Field(0.4, ge=0)
+    seed: int = 0
+
+
+class DigitsData(_Strict):
+    """scikit-learn's 8x8 digits (ships with scikit-learn), split train / val / test."""
+
+    source: Literal["digits"]
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    images: bool = False
+    seed: int = 0
+
+
+class Mnist1dData(_Strict):
+    """MNIST-1D generated locally with ``mnist1d.data.make_dataset`` (never downloaded)."""
+
+    source: Literal["mnist1d"]
+    num_samples: int = Field(5000, ge=100)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+
+
+class IdxData(_Strict):
+    """MNIST-format IDX files (raw or .gz) read from a local folder."""
+
+    source: Literal["idx"]
+    path: str
+    val_fraction: float = Field(1 / 6, gt=0, lt=1)
+    limit: int | None = Field(None, ge=10)
+    seed: int = 0
+
+
+class ModularData(_Strict):
+    """(a op b) mod p for grokking."""
+
+    source: Literal["modular"]
+    p: int = Field(113, ge=2)
+    op: Literal["+", "-", "*", "/"] = "+"
+    train_fraction: float = 0.4
+    seed: int = 0
+
+    @field_validator("train_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _prime_for_division(self) -> ModularData:
+        if self.op == "/" and not _is_prime(self.p):
+            raise ValueError(f"p: must be prime for division (got {self.p})")
+        return self
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % k for k in range(2, int(n**0.5) + 1))
+
+
+DataSpec = Annotated[
+    SpiralsData | DigitsData | Mnist1dData | IdxData | ModularData,
+    Field(discriminator="source"),
+]
+
+
+# --------------------------------------------------------------------------- model and objective
+
+
+class ModelSpec(_Strict):
+    """``mlp`` (hidden ``layers``, ``activation``) or a small ``cnn`` (``channels``) for 1-D or 2-D inputs."""
+
+    kind: Literal["mlp", "cnn", "transformer"] = "mlp"
+    layers: list[int] = Field(default_factory=lambda: [10])
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"
+    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    # transformer (grokking)
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    n_layers: int = 1
+
+    @field_validator("layers", "channels")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("sizes must be >= 1")
+        return v
+
+
+Optimizer = Literal["sgd", "sgd_momentum", "adam", "adamw", "rmsprop"]
+OPTIMIZERS: tuple[str, ...] = ("sgd", "sgd_momentum", "adam", "adamw", "rmsprop")
+
+
+class TrainDefaults(_Strict):
+    """The values a trial uses for whatever the search space does not set (the lesson's defaults)."""
+
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.01, gt=0)
+    epochs: int = Field(10, ge=1)
+    optimizer: Optimizer = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+
+
+class TrainingObjective(_Strict):
+    """The generic supervised loop: data, model, loss; per-epoch validation reported to the trial."""
+
+    kind: Literal["training"]
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    loss: Literal["mse", "bce", "cross_entropy"] = "cross_entropy"
+    defaults: TrainDefaults = Field(default_factory=TrainDefaults)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    device: str = "cpu"
+    evaluate_test: bool = False
+
+
+class GrokkingObjective(_Strict):
+    """Modular arithmetic; the metric is the number of steps until validation accuracy reaches ``threshold``."""
+
+    kind: Literal["grokking"]
+    data: ModularData = Field(default_factory=lambda: ModularData(source="modular"))
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(layers=[200, 200]))
+    steps: int = Field(2000, ge=1)
+    eval_every: int = Field(25, ge=1)
+    threshold: float = 0.95
+    batch_size: int | None = Field(None, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    device: str = "cpu"
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+
+class CustomObjective(BaseModel):
+    """A user's own objective: ``kind: package.module:function``; other keys reach it as ``context.options``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    seed: int = 0
+
+
+def _objective_tag(v: Any) -> str:
+    if isinstance(v, CustomObjective):
+        return "custom"
+    kind = v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)
+    if isinstance(kind, str) and ":" in kind:
+        return "custom"
+    return str(kind)
+
+
+ObjectiveSpec = Annotated[
+    Annotated[TrainingObjective, Tag("training")]
+    | Annotated[GrokkingObjective, Tag("grokking")]
+    | Annotated[CustomObjective, Tag("custom")],
+    Discriminator(
+        _objective_tag,
+        custom_error_type="objective",
+        custom_error_message="kind must be training, grokking or module:function",
+    ),
+]
+
+
+# --------------------------------------------------------------------------- sampler, pruner, budget
+
+
+SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2")
+PRUNERS: tuple[str, ...] = (
+    "none",
+    "median",
+    "percentile",
+    "successive_halving",
+    "hyperband",
+    "wilcoxon",
+    "threshold",
+    "patient",
+)
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2"] = "tpe"
+    seed: int | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrunerSpec(_Strict):
+    name: Literal[
+        "none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon", "threshold", "patient"
+    ] = "median"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Budget(_Strict):
+    n_trials: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> Budget:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("give n_trials, timeout or both")
+        return self
+
+
+class Prediction(_Strict):
+    """A learner's prediction about one hyperparameter, checked by ``hpo check``."""
+
+    param: str
+    claim: Literal[
+        "increasing", "decreasing", "diminishing_returns", "interior_optimum", "optimum_near_edge", "no_effect"
+    ]
+    note: str | None = None
+
+
+class PopulationSpec(_Strict):
+    size: int = Field(1, ge=1)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+class StudySpec(_Strict):
+    """One study file."""
+
+    name: str = Field(min_length=1, max_length=512)
+    description: str | None = None
+    storage: str | None = None
+    direction: Literal["minimize", "maximize"] = "maximize"
+    metric: str = "val_accuracy"
+    objective: ObjectiveSpec
+    space: dict[str, ParamSpec] = Field(default_factory=dict)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    budget: Budget = Field(default_factory=lambda: Budget(n_trials=20))
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    predictions: list[Prediction] = Field(default_factory=list)
+    population: PopulationSpec | None = None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> StudySpec:
+        for name, p in self.space.items():
+            when = getattr(p, "when", None) or {}
+            for other in when:
+                if other not in self.space:
+                    raise ValueError(f"space.{name}.when: refers to {other!r}, which is not in the space")
+        opt = self.space.get("optimizer")
+        choices: list[Any] = []
+        if isinstance(opt, ChoiceParam):
+            choices = list(opt.choices)
+        elif isinstance(opt, FixedParam):
+            choices = [opt.value]
+        elif isinstance(opt, str):
+            choices = [opt]
+        for c in choices:
+            if c not in OPTIMIZERS:
+                raise ValueError(f"space.optimizer: unknown optimizer {c!r} (known: {', '.join(OPTIMIZERS)})")
+        for pred in self.predictions:
+            if pred.param not in self.space:
+                raise ValueError(f"predictions: parameter {pred.param!r} is not in the space")
+        return self
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not _is_tag(p))
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] in ("literal_error",):
+        msg = f"{msg} (got {err.get('input')!r})"
+    if ": " in msg and msg.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum() and not loc:
+        return msg
+    if msg.split(":")[0] in {"low", "step", "p"} and loc:
+        return f"{loc}.{msg}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+_TAGS = {"int", "float", "choices", "fixed", "scalar", "training", "grokking", "custom"}
+
+
+def _is_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _TAGS or part in ("bool", "str", "list[...]"))
+
+
+def parse_spec(data: Any, source: str = "<study>") -> StudySpec:
+    """Validate a parsed YAML document into a :class:`StudySpec`.
+
+    Raises:
+        SpecError: with ``source: field.path: message`` on the first problem.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the study file must be a mapping of keys to values")
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise SpecError(f"{source}: {_format_error(first)}") from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study file.
+
+    Example:
+        >>> spec = load_spec("studies/spirals-optimizer.yaml")  # doctest: +SKIP
+        >>> spec.name
+        'spirals-optimizer'
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such study file")
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{p}: YAML syntax error at {where}{problem}") from None
+    return parse_spec(data, str(p))

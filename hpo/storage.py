@@ -1,0 +1,287 @@
+"""Storage URL -> Optuna storage. The only module that opens a database.
+
+Choices made on purpose:
+
+* URLs are SQLAlchemy URLs, as Optuna takes them. ``--storage`` wins, then ``HPO_STORAGE``, then the study file,
+  then ``sqlite:///hpo.db``. A password may come from ``HPO_STORAGE_PASSWORD_FILE`` instead of the URL.
+* Every engine pings a pooled connection before use (a connection dropped by a database restart is replaced, not
+  fatal) and holds a small, bounded pool: at most :data:`POOL_SIZE` connections per process, no overflow.
+* SQLite is put in WAL mode with a 60 s busy timeout, so several local processes share one file without
+  ``database is locked``.
+* Opening retries transient errors (refused, timed out) with exponential backoff for ``retry_for`` seconds;
+  authentication failures are final at once.
+* URLs are shown with the password masked, and driver messages are scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_plus
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+
+from hpo.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///hpo.db"
+#: Connections one process holds at most on a server database: Optuna's session, the heartbeat thread and the
+#: budget lock each need one at the same time.
+POOL_SIZE = 3
+SQLITE_TIMEOUT_S = 60
+
+_AUTH_MARKERS = ("password authentication failed", "access denied", "authentication failed", "no password supplied")
+
+
+def resolve_url(cli_url: str | None = None, spec_url: str | None = None) -> str:
+    """Pick the storage URL: CLI, then ``HPO_STORAGE``, then the study file, then the SQLite default.
+
+    If ``HPO_STORAGE_PASSWORD_FILE`` names a file, its first line becomes the URL's password.
+    """
+    url = cli_url or os.environ.get("HPO_STORAGE") or spec_url or DEFAULT_URL
+    pw_file = os.environ.get("HPO_STORAGE_PASSWORD_FILE")
+    if pw_file:
+        try:
+            password = Path(pw_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError):
+            raise StorageError(f"HPO_STORAGE_PASSWORD_FILE: cannot read a password from {pw_file}") from None
+        parsed = _parse(url)
+        url = parsed.set(password=password).render_as_string(hide_password=False)
+    return url
+
+
+def _parse(url: str) -> URL:
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        raise StorageError(f"malformed storage URL: {mask(url)}") from None
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ``***`` (works on malformed URLs too)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            creds, host = rest.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            return f"{scheme}://{user}:***@{host}"
+        return url
+
+
+def scrub(text: str, url: str) -> str:
+    """Remove the URL's password (raw and URL-quoted) from a message."""
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    if password:
+        for form in {str(password), quote_plus(str(password))}:
+            text = text.replace(form, "***")
+    return text
+
+
+def _is_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def _sqlite_path(url: URL) -> str | None:
+    db = url.database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return db
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """Engine settings for a URL (see the module docstring)."""
+    parsed = _parse(url)
+    if _is_sqlite(parsed):
+        return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "pool_size": POOL_SIZE,
+        "max_overflow": 0,
+        "pool_timeout": 60,
+    }
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": 5}
+    elif backend == "mysql":
+        kwargs["pool_recycle"] = 3600
+        kwargs["connect_args"] = {"connect_timeout": 5}
+    return kwargs
+
+
+def _prepare_sqlite(parsed: URL, read_only: bool) -> None:
+    path = _sqlite_path(parsed)
+    if path is None:
+        return
+    p = Path(path)
+    if read_only:
+        if not p.is_file():
+            raise StorageError(f"no SQLite database at {p}")
+        return
+    if not p.parent.exists():
+        raise StorageError(f"cannot create SQLite database {p}: folder {p.parent} does not exist")
+    try:
+        con = sqlite3.connect(str(p), timeout=SQLITE_TIMEOUT_S)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open SQLite database {p}: {exc}") from None
+
+
+def describe_error(exc: BaseException, url: str) -> str:
+    """A one-line, password-free reason for a database error."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(orig).__name__
+    # psycopg puts the useful part after the last "failed: "
+    if "failed: " in text:
+        text = text.rsplit("failed: ", 1)[-1] or text
+    return scrub(text, url)
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(m in text for m in _AUTH_MARKERS) or "(1045" in text
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    max_retry: int | None = None,
+    read_only: bool = False,
+    retry_for: float = 10.0,
+) -> optuna.storages.RDBStorage:
+    """Open (and on first use create) the Optuna tables behind ``url``.
+
+    Args:
+        url: a SQLAlchemy URL.
+        heartbeat_interval: seconds between heartbeats of a running trial; ``None`` turns heartbeats off.
+        grace_period: seconds without a heartbeat after which a running trial counts as stale.
+        max_retry: how many times a stale trial is re-queued with its parameters (Optuna's retry callback).
+        read_only: never create tables; open SQLite files with ``mode=ro``.
+        retry_for: seconds to keep retrying a refused or timed-out connection.
+
+    Raises:
+        StorageError: malformed URL, missing driver, unreachable server, refused credentials.
+    """
+    parsed = _parse(url)
+    if _is_sqlite(parsed):
+        _prepare_sqlite(parsed, read_only)
+        if read_only and _sqlite_path(parsed):
+            url = f"sqlite:///file:{Path(_sqlite_path(parsed)).resolve()}?mode=ro&uri=true"
+    callback = None
+    if heartbeat_interval is not None:
+        callback = retry_callback(max_retry)
+    deadline = time.monotonic() + retry_for
+    delay = 0.5
+    while True:
+        try:
+            with _quiet_optuna():
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs(url),
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=callback,
+                    skip_table_creation=read_only,
+                    skip_compatibility_check=read_only,
+                )
+        except (NoSuchModuleError, ImportError) as exc:
+            raise StorageError(f"no database driver for {mask(url)}: {scrub(str(exc), url)}") from None
+        except (ArgumentError, ValueError) as exc:
+            raise StorageError(f"malformed storage URL {mask(url)}: {scrub(str(exc), url)}") from None
+        except (DBAPIError, SQLAlchemyError) as exc:
+            reason = describe_error(exc, url)
+            if _is_auth_error(exc):
+                raise StorageError(f"cannot connect to {mask(url)}: {reason}") from None
+            if time.monotonic() + delay > deadline:
+                raise StorageError(f"cannot connect to {mask(url)}: {reason}") from None
+            log.warning("database %s not reachable (%s); retrying in %.1f s", mask(url), reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def retry_callback(max_retry: int | None) -> Any:
+    """Optuna's callback that re-queues a failed trial's parameters, keeping its intermediate values."""
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    with _quiet_optuna():
+        return cls(max_retry=max_retry, inherit_intermediate_values=True)
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Silence Optuna's experimental-feature warnings for the heartbeat machinery hpo uses on purpose."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        yield
+
+
+quiet_optuna = _quiet_optuna
+
+
+@contextlib.contextmanager
+def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """A lock held by one worker at a time per study, across processes and machines.
+
+    PostgreSQL: an advisory lock; MySQL/MariaDB: ``GET_LOCK``; SQLite (one machine by nature): a lock file beside
+    the database. Counting the budget and asking for a trial inside it makes the global trial budget exact.
+    """
+    url = storage.engine.url
+    backend = url.get_backend_name()
+    key = zlib.crc32(f"hpo-budget:{study_name}".encode())
+    if backend == "sqlite":
+        path = _sqlite_path(url)
+        lock_path = f"{path}.hpo-lock" if path else None
+        if lock_path is None:
+            yield
+            return
+        with open(lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    with storage.engine.connect() as conn:
+        if backend == "postgresql":
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        elif backend == "mysql":
+            name = f"hpo-budget-{key}"
+            got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:n, 60)"), {"n": name}).scalar()
+            if got != 1:
+                raise StorageError(f"could not take the budget lock of study {study_name!r} within 60 s")
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+        else:
+            yield
