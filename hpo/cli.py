@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -46,6 +47,10 @@ GraceOpt = Annotated[
     int | None, typer.Option(help="Seconds without heartbeat before a trial is stale (default 2 x heartbeat).")
 ]
 RetryOpt = Annotated[int, typer.Option(help="How often a stale or interrupted trial is re-queued.")]
+PopulationOpt = Annotated[
+    str | None,
+    typer.Option(help="Trials trained at once, stacked: a number or auto (default: the file's population.size, else 1)."),
+]
 
 
 def _user_errors(fn: F) -> F:
@@ -55,6 +60,19 @@ def _user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except HpoError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except Exception as exc:
+            from hpo.storage import denied_reason
+
+            reason = denied_reason(exc)  # a write under a read-only role (e.g. the analyst's): a mistake, not a bug
+            if reason is None:
+                raise
+            err.print(
+                f"[bold red]error:[/] the database refused this role: {reason} "
+                "(the analyst role may only read; run, worker, create and enqueue need the worker role)",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -101,6 +119,7 @@ def run(
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = None,
     max_retry: RetryOpt = 2,
+    population: PopulationOpt = None,
 ) -> None:
     """Create or resume a study and run it to its budget, with a progress bar; print the best trial."""
     from hpo.spec import load_spec
@@ -123,13 +142,15 @@ def run(
                 n_trials=n_trials,
                 timeout=timeout,
                 on_trial=lambda _t: poll(),
+                population=population,
             )
             result = run_worker(spec, url, opts)
             stopped = result.interrupted
         else:
             stopped = _run_processes(
-                study_file, url, workers, threads, device, n_trials, timeout, heartbeat, grace, max_retry, poll
-            )
+                study_file, url, workers, threads, device, n_trials, timeout, heartbeat, grace, max_retry, poll,
+                population=population,
+            )  # fmt: skip
     _summary(spec.name, url)
     out.print(
         f"stored in {mask(url)} (read it with: optuna trials --study-name {spec.name} --storage '{mask(url)}')",
@@ -152,6 +173,7 @@ def _run_processes(
     grace: int | None,
     max_retry: int,
     poll: Callable[[], None],
+    population: str | None = None,
 ) -> bool:
     cmd = [sys.executable, "-m", "hpo", "worker", str(study_file), "--threads", str(threads), "--device", device]
     cmd += ["--heartbeat", str(heartbeat), "--max-retry", str(max_retry), "--quiet"]
@@ -161,6 +183,8 @@ def _run_processes(
         cmd += ["--n-trials", str(n_trials)]
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
+    if population is not None:
+        cmd += ["--population", population]
     env = {**os.environ, "HPO_STORAGE": url}  # never on a command line, where ps shows it
     procs = [subprocess.Popen([*cmd, "--seed-offset", str(i)], env=env) for i in range(workers)]
     stopped = False
@@ -278,6 +302,7 @@ def worker(
         int | None, typer.Option(help="Added to the sampler's seed (default: the process id, so workers differ).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
+    population: PopulationOpt = None,
 ) -> None:
     """Pull trials of a study until its global budget is met (run many of these, on many machines)."""
     from hpo.worker import WorkerOptions, run_worker
@@ -293,6 +318,7 @@ def worker(
         timeout=timeout,
         db_retry_for=db_retry_for,
         seed_offset=seed_offset,
+        population=population,
     )
     result = run_worker(spec if spec is not None else name, url, opts)
     if not quiet:
@@ -386,6 +412,307 @@ def evaluate(
         f"({'reproduced' if value == frozen.value else 'DIFFERS'}); test accuracy {test:.4f}",
         highlight=False,
     )
+
+
+# --------------------------------------------------------------------------- analysts (issue 4)
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="table (rich), json or csv.")]
+StateOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--state", help="Keep only trials in this state (complete, pruned, fail, running, waiting); repeatable."
+    ),
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=0, help="At most this many rows.")]
+
+
+def _jsonable(v: Any) -> Any:
+    import math
+
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    if hasattr(v, "item"):  # numpy scalars
+        return _jsonable(v.item())
+    if v is None or isinstance(v, str | int | bool):
+        return v
+    try:
+        import pandas as pd
+
+        if pd.isna(v):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(v)
+
+
+def _cell(v: Any) -> str:
+    import json
+
+    v = _jsonable(v)
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, dict | list):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def _emit(rows: list[dict[str, Any]], fmt: OutputFormat, title: str, columns: list[str] | None = None) -> None:
+    """Print rows as a rich table, raw JSON (a list of objects) or CSV on stdout."""
+    import csv
+    import json
+
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    if fmt == OutputFormat.json:
+        sys.stdout.write(json.dumps([_jsonable(r) for r in rows], indent=2, allow_nan=False) + "\n")
+    elif fmt == OutputFormat.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow([_cell(r.get(c)) for c in columns])
+    else:
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for c in columns:
+            table.add_column(c, overflow="fold")
+        for r in rows:
+            table.add_row(*[_cell(r.get(c)) for c in columns])
+        out.print(table)
+
+
+def _records(df: Any) -> list[dict[str, Any]]:
+    return [{k: _jsonable(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
+
+
+@app.command()
+@_user_errors
+def studies(storage: StorageOpt = None, fmt: FormatOpt = OutputFormat.table, limit: LimitOpt = None) -> None:
+    """List the studies in a storage: trial counts by state, best value, created / updated, sampler and pruner."""
+    from hpo import query
+    from hpo.storage import mask, resolve_url
+
+    url = resolve_url(storage)
+    rows = query.studies(url)[:limit]
+    if fmt == OutputFormat.table:
+        for r in rows:
+            r["sampler"] = (r["sampler"] or {}).get("name") if isinstance(r["sampler"], dict) else r["sampler"]
+            r["pruner"] = (r["pruner"] or {}).get("name") if isinstance(r["pruner"], dict) else r["pruner"]
+            for key in ("budget", "waiting", "best_trial", "metric"):
+                r.pop(key, None)
+    _emit(rows, fmt, f"studies in {mask(url)}")
+
+
+@app.command()
+@_user_errors
+def trials(
+    study: Annotated[str, typer.Argument(help="Study name or file.")],
+    storage: StorageOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    state: StateOpt = None,
+    limit: LimitOpt = None,
+) -> None:
+    """Trials of a study (params, value, state, duration, epochs reached, pruning reason, seed, device)."""
+    from hpo import query
+
+    _, url, name = _spec_and_url(study, storage)
+    df = query.trials(url, name, states=state, limit=limit)
+    if fmt == OutputFormat.table:
+        df = df.drop(columns=[c for c in ("datetime_start", "datetime_complete", "worker") if c in df])
+    _emit(_records(df), fmt, f"trials of {name}", list(df.columns))
+
+
+@app.command()
+@_user_errors
+def best(
+    study: Annotated[str, typer.Argument(help="Study name or file.")],
+    storage: StorageOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many of the best trials.")] = 1,
+) -> None:
+    """The best COMPLETE trial(s) of a study, best first."""
+    from hpo import query
+
+    _, url, name = _spec_and_url(study, storage)
+    rows = query.best(url, name, n=limit)
+    if not rows and fmt == OutputFormat.table:
+        out.print(f"study {name}: no completed trial yet", highlight=False)
+        return
+    if fmt == OutputFormat.json:
+        _emit(rows, fmt, "")
+        return
+    flat = [
+        {
+            "number": r["number"],
+            "value": r["value"],
+            **{f"params_{k}": v for k, v in r["params"].items()},
+            "duration": r["duration"],
+            "seed": r["user_attrs"].get("seed"),
+        }
+        for r in rows
+    ]
+    _emit(flat, fmt, f"best trials of {name}")
+
+
+@app.command()
+@_user_errors
+def importance(
+    study: Annotated[str, typer.Argument(help="Study name or file.")],
+    storage: StorageOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    limit: LimitOpt = None,
+) -> None:
+    """Parameter importances (fANOVA over COMPLETE trials), most important first."""
+    from hpo import query
+
+    _, url, name = _spec_and_url(study, storage)
+    imps = query.importances(url, name)
+    rows = [{"param": k, "importance": v} for k, v in list(imps.items())[:limit]]
+    if not rows and fmt == OutputFormat.table:
+        out.print(f"study {name}: fewer than 2 completed trials, no importances yet", highlight=False)
+        return
+    _emit(rows, fmt, f"parameter importances of {name}", ["param", "importance"])
+
+
+@app.command()
+@_user_errors
+def report(
+    study: Annotated[str, typer.Argument(help="Study name or file.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The HTML file, or a folder for <study>.html (default: .).")
+    ] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Write a self-contained HTML report on how each hyperparameter influences the result."""
+    from hpo.report import write_report
+
+    spec, url, name = _spec_and_url(study, storage)
+    path = write_report(url, name, output, spec=spec)
+    out.print(f"report written to {path}", highlight=False)
+
+
+@app.command()
+@_user_errors
+def check(
+    study: Annotated[str, typer.Argument(help="Study name or file (the file's predictions win).")],
+    storage: StorageOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Check the study file's predictions against the COMPLETE trials: supported, refuted or not enough evidence."""
+    from hpo.report import check_study
+
+    spec, url, name = _spec_and_url(study, storage)
+    verdicts = check_study(url, name, spec)
+    if not verdicts and fmt == OutputFormat.table:
+        out.print(f"study {name}: no predictions in its study file", highlight=False)
+        return
+    if fmt == OutputFormat.json:
+        _emit([v.as_dict() for v in verdicts], fmt, "")
+        return
+    rows = [
+        {"param": v.param, "claim": v.claim, "verdict": v.verdict, "trials": v.n_trials, "evidence": v.reason}
+        for v in verdicts
+    ]
+    _emit(rows, fmt, f"predictions of {name}")
+
+
+@app.command()
+@_user_errors
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    allow_writes: Annotated[
+        bool, typer.Option("--allow-writes", help="Allow DELETE/POST/PUT/PATCH (deleting, renaming, telling).")
+    ] = False,
+) -> None:
+    """Serve optuna-dashboard on the storage; read-only unless --allow-writes."""
+    from hpo.dashboard import create_app, make_dashboard_server
+    from hpo.storage import mask, resolve_url
+
+    url = resolve_url(storage)
+    app_ = create_app(url, allow_writes=allow_writes)
+    try:
+        httpd = make_dashboard_server(app_, host, port)
+    except OSError as exc:
+        raise HpoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    mode = "read-write" if allow_writes else "read-only"
+    err.print(f"dashboard ({mode}) on {mask(url)}: http://{host}:{port}/  (Ctrl-C stops)", highlight=False)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+
+
+# --------------------------------------------------------------------------- database roles (issue 7)
+
+db_app = typer.Typer(help="Set up a shared study database: the worker and analyst roles.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _role_password(kind: str, file: Path | None) -> str | None:
+    """The role's password: from ``file`` (``--KIND-password-file`` / ``$HPO_KIND_PASSWORD_FILE``), else
+    ``$HPO_KIND_PASSWORD``; never from the command line itself."""
+    if file is not None:
+        try:
+            return file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError):
+            raise HpoError(f"--{kind}-password-file: cannot read a password from {file}") from None
+    return os.environ.get(f"HPO_{kind.upper()}_PASSWORD") or None
+
+
+@db_app.command("init")
+@_user_errors
+def db_init(
+    storage: StorageOpt = None,
+    worker_role: Annotated[str, typer.Option(help="Name of the role workers connect as.")] = "hpo_worker",
+    analyst_role: Annotated[str, typer.Option(help="Name of the read-only role analysts connect as.")] = "hpo_analyst",
+    worker_password_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HPO_WORKER_PASSWORD_FILE", help="File with the worker's password (else $HPO_WORKER_PASSWORD)."
+        ),
+    ] = None,
+    analyst_password_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HPO_ANALYST_PASSWORD_FILE", help="File with the analyst's password (else $HPO_ANALYST_PASSWORD)."
+        ),
+    ] = None,
+    mysql_host: Annotated[str, typer.Option(help="MySQL/MariaDB: the host part of both users.")] = "%",
+) -> None:
+    """Create Optuna's tables and two roles (idempotent), with an admin's --storage URL: a worker role that reads and
+    writes trials, and an analyst role that may only SELECT. PostgreSQL and MySQL/MariaDB."""
+    from hpo.db import Role, init_roles, summary
+    from hpo.storage import mask, resolve_url
+
+    url = resolve_url(storage)
+    worker_ = Role(worker_role, _role_password("worker", worker_password_file), "worker")
+    analyst_ = Role(analyst_role, _role_password("analyst", analyst_password_file), "analyst")
+    grants = init_roles(url, worker_, analyst_, mysql_host=mysql_host)
+    out.print(f"database ready: {mask(url)}", highlight=False, soft_wrap=True)
+    for role in (worker_, analyst_):
+        out.print(f"  {role.kind} role {role.name}: {summary(grants[role.name])}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

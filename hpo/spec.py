@@ -194,7 +194,7 @@ class ModularData(_Strict):
     @classmethod
     def _fraction(cls, v: float) -> float:
         if not 0 < v < 1:
-            raise ValueError("must be in (0, 1)")
+            raise ValueError(f"must be in (0, 1) (got {v})")
         return v
 
     @model_validator(mode="after")
@@ -283,6 +283,10 @@ class GrokkingObjective(_Strict):
     weight_decay: float = Field(1.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.98, ge=0, lt=1)
+    #: Stop a trial once validation accuracy reaches ``threshold``: its metric is known from then on.
+    stop_at_threshold: bool = True
+    #: Prune a trial (``reason=not_memorised``) whose training accuracy is still below 0.99 at this step.
+    memorise_by: int | None = Field(None, ge=1)
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: str = "cpu"
@@ -291,7 +295,7 @@ class GrokkingObjective(_Strict):
     @classmethod
     def _threshold(cls, v: float) -> float:
         if not 0 < v <= 1:
-            raise ValueError("must be in (0, 1]")
+            raise ValueError(f"must be in (0, 1] (got {v})")
         return v
 
 
@@ -375,10 +379,24 @@ class Prediction(_Strict):
 
 
 class PopulationSpec(_Strict):
-    size: int = Field(1, ge=1)
+    """Population mode (``hpo.objectives.population``): ``size`` trials trained at once, or ``auto``."""
+
+    size: Any = 1
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int | str:
+        if v == "auto":
+            return "auto"
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"must be a whole number >= 1 or auto (got {v!r})")
+        return v
 
 
 # --------------------------------------------------------------------------- the study
+
+
+TRAINING_METRICS: tuple[str, ...] = ("val_accuracy", "val_error", "val_loss", "train_loss")
 
 
 class StudySpec(_Strict):
@@ -416,6 +434,11 @@ class StudySpec(_Strict):
         for c in choices:
             if c not in OPTIMIZERS:
                 raise ValueError(f"space.optimizer: unknown optimizer {c!r} (known: {', '.join(OPTIMIZERS)})")
+        metrics = {"training": TRAINING_METRICS, "grokking": ("steps_to_generalise",)}.get(self.objective.kind)
+        if metrics is not None and self.metric not in metrics:
+            raise ValueError(f"metric: the {self.objective.kind} objective reports {', '.join(metrics)} (got {self.metric!r})")
+        if self.objective.kind == "grokking" and self.direction != "minimize":
+            raise ValueError("direction: steps_to_generalise is minimised (direction: minimize)")
         for pred in self.predictions:
             if pred.param not in self.space:
                 raise ValueError(f"predictions: parameter {pred.param!r} is not in the space")
@@ -424,18 +447,20 @@ class StudySpec(_Strict):
 
 def _format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not _is_tag(p))
-    msg = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    if err["type"] == "extra_forbidden":
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    kind = err["type"]
+    if kind == "extra_forbidden":
         msg = "unknown key"
-    elif err["type"] in ("literal_error",):
+    elif kind == "literal_error":
         msg = f"{msg} (got {err.get('input')!r})"
-    if ": " in msg and msg.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum() and not loc:
+    elif kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        msg = f"unknown {ctx.get('discriminator', 'kind').strip(chr(39))} {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
+    head, sep, rest = msg.partition(": ")
+    if sep and head.isidentifier() and loc:  # a model validator naming one of its fields: "low: must be > 0"
+        return f"{loc}.{head}: {rest}"
+    if sep and "." in head and not loc:  # a study-level check naming a full path: "space.x.when: ..."
         return msg
-    if msg.split(":")[0] in {"low", "step", "p"} and loc:
-        return f"{loc}.{msg}"
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -119,6 +119,8 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     backend = parsed.get_backend_name()
     if backend == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
+        if "application_name" not in parsed.query:  # one name per process: pg_stat_activity shows each worker's share
+            kwargs["connect_args"]["application_name"] = f"hpo:{os.getpid()}"
     elif backend == "mysql":
         kwargs["pool_recycle"] = 3600
         kwargs["connect_args"] = {"connect_timeout": 5}
@@ -146,6 +148,28 @@ def _prepare_sqlite(parsed: URL, read_only: bool) -> None:
         raise StorageError(f"cannot open SQLite database {p}: {exc}") from None
 
 
+#: SQLSTATEs (PostgreSQL) and error numbers (MySQL/MariaDB) of a write refused by the role or a READ ONLY session.
+_DENIED_SQLSTATES = {"42501", "25006"}  # insufficient_privilege, read_only_sql_transaction
+_DENIED_MYSQL = {1142, 1143, 1044, 1792}  # table/column command denied, db access denied, read-only transaction
+
+
+def denied_reason(exc: BaseException) -> str | None:
+    """If ``exc`` (or an exception it was raised from) is the database refusing a statement to this role or to a
+    READ ONLY session, the driver's one-line reason; else ``None``."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        orig = getattr(e, "orig", None) or e
+        code = getattr(orig, "sqlstate", None)
+        args = getattr(orig, "args", ())
+        if code in _DENIED_SQLSTATES or (args and isinstance(args[0], int) and args[0] in _DENIED_MYSQL):
+            lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+            return lines[0] if lines else type(orig).__name__
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def describe_error(exc: BaseException, url: str) -> str:
     """A one-line, password-free reason for a database error."""
     orig = getattr(exc, "orig", None) or exc
@@ -169,7 +193,7 @@ def open_storage(
     grace_period: int | None = None,
     max_retry: int | None = None,
     read_only: bool = False,
-    retry_for: float = 10.0,
+    retry_for: float | None = None,
 ) -> optuna.storages.RDBStorage:
     """Open (and on first use create) the Optuna tables behind ``url``.
 
@@ -179,7 +203,8 @@ def open_storage(
         grace_period: seconds without a heartbeat after which a running trial counts as stale.
         max_retry: how many times a stale trial is re-queued with its parameters (Optuna's retry callback).
         read_only: never create tables; open SQLite files with ``mode=ro``.
-        retry_for: seconds to keep retrying a refused or timed-out connection.
+        retry_for: seconds to keep retrying a refused or timed-out connection (default: ``$HPO_CONNECT_RETRY_FOR``,
+            else 10).
 
     Raises:
         StorageError: malformed URL, missing driver, unreachable server, refused credentials.
@@ -192,6 +217,8 @@ def open_storage(
     callback = None
     if heartbeat_interval is not None:
         callback = retry_callback(max_retry)
+    if retry_for is None:
+        retry_for = float(os.environ.get("HPO_CONNECT_RETRY_FOR", "10"))
     deadline = time.monotonic() + retry_for
     delay = 0.5
     while True:
@@ -210,7 +237,12 @@ def open_storage(
             raise StorageError(f"no database driver for {mask(url)}: {scrub(str(exc), url)}") from None
         except (ArgumentError, ValueError) as exc:
             raise StorageError(f"malformed storage URL {mask(url)}: {scrub(str(exc), url)}") from None
-        except (DBAPIError, SQLAlchemyError) as exc:
+        except (DBAPIError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as caught:
+            # read_only skips table creation, so the first connection is made inside an Optuna session, which wraps
+            # a refused password or an unreachable server in StorageInternalError: unwrap it
+            exc = caught.__cause__ if isinstance(caught, optuna.exceptions.StorageInternalError) else caught
+            if not isinstance(exc, DBAPIError | SQLAlchemyError):
+                raise
             reason = describe_error(exc, url)
             if _is_auth_error(exc):
                 raise StorageError(f"cannot connect to {mask(url)}: {reason}") from None
@@ -219,6 +251,30 @@ def open_storage(
             log.warning("database %s not reachable (%s); retrying in %.1f s", mask(url), reason, delay)
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
+
+
+def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, attrs: dict[str, Any]) -> None:
+    """Set several user attributes of a running trial in one transaction (two statements).
+
+    Optuna's ``set_trial_user_attr`` costs three statements and a commit per key; a worker sets four keys per trial.
+    The rows written are Optuna's own, so ``trial.user_attrs`` and every reader see them unchanged.
+    """
+    import json
+
+    from optuna.storages._rdb import models
+
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        return
+    table = models.TrialUserAttributeModel.__table__
+    with backend.engine.begin() as conn:
+        conn.execute(sqlalchemy.delete(table).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs))))
+        conn.execute(
+            sqlalchemy.insert(table),
+            [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()],
+        )
 
 
 def retry_callback(max_retry: int | None) -> Any:
@@ -285,3 +341,36 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterato
                 conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
         else:
             yield
+
+
+_READ_ONLY_SQL = {
+    "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "mysql": "SET SESSION TRANSACTION READ ONLY",
+}
+
+
+def open_read_only(url: str, *, retry_for: float | None = None) -> optuna.storages.RDBStorage:
+    """Open a storage for analysts: a query through it can never write.
+
+    No table creation or schema check; SQLite files opened with ``mode=ro``; every PostgreSQL / MySQL session set
+    to ``READ ONLY`` transactions (a write fails in the database even if hpo asked for one). Combine with a
+    SELECT-only database role for a second, independent layer.
+
+    Raises:
+        StorageError: as :func:`open_storage`.
+    """
+    storage = open_storage(url, read_only=True, retry_for=retry_for)
+    stmt = _READ_ONLY_SQL.get(storage.engine.url.get_backend_name())
+    if stmt is not None:
+
+        def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute(stmt)
+            finally:
+                cur.close()
+            dbapi_conn.commit()
+
+        sqlalchemy.event.listen(storage.engine, "connect", _read_only_session)
+        storage.engine.dispose()  # connections opened before the listener are dropped
+    return storage

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 import hpo
 from hpo import space as search_space
@@ -41,7 +41,15 @@ from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_
 from hpo.pruners import make_pruner
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec, parse_spec
-from hpo.storage import budget_lock, describe_error, mask, open_storage, quiet_optuna, retry_callback
+from hpo.storage import (
+    budget_lock,
+    describe_error,
+    mask,
+    open_storage,
+    quiet_optuna,
+    retry_callback,
+    set_trial_user_attrs,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,6 +77,8 @@ class WorkerOptions:
     #: ``None``: this process's id (for independent ``hpo worker`` processes); 0 keeps the file's seed exactly.
     seed_offset: int | None = 0
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None
+    #: Trials trained at once, stacked (``hpo.objectives.population``); None: the study file's, else 1; or "auto".
+    population: int | str | None = None
 
 
 @dataclass
@@ -91,21 +101,33 @@ def default_threads(local_workers: int = 1) -> int:
 # --------------------------------------------------------------------------- creating and loading
 
 
-def create(spec: StudySpec, storage_url: str, **storage_kwargs: Any) -> optuna.Study:
+def create(
+    spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None, **storage_kwargs: Any
+) -> optuna.Study:
     """Create the study once (idempotent); store the study file with it; enqueue its baseline trials once.
+
+    Safe when many workers start at once with the same file: the file is stored and its trials enqueued under the
+    study's budget lock, by the first worker only.
 
     Raises:
         StudyError: the study exists and its stored search space or direction differs from the file's.
     """
-    storage = open_storage(storage_url, **storage_kwargs)
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=storage,
-        direction=spec.direction,
-        sampler=make_sampler(spec),
-        pruner=make_pruner(spec.pruner),
-        load_if_exists=True,
-    )
+    storage = storage if storage is not None else open_storage(storage_url, **storage_kwargs)
+    with quiet_optuna():
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=storage,
+            direction=spec.direction,
+            sampler=make_sampler(spec),
+            pruner=make_pruner(spec.pruner),
+            load_if_exists=True,
+        )
+    with budget_lock(storage, spec.name):
+        _store_spec(spec, study)
+    return study
+
+
+def _store_spec(spec: StudySpec, study: optuna.Study) -> None:
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
@@ -118,7 +140,6 @@ def create(spec: StudySpec, storage_url: str, **storage_kwargs: Any) -> optuna.S
             study.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
     else:
         check_agrees(spec, parse_spec(stored, f"stored study {spec.name!r}"), study)
-    return study
 
 
 def check_agrees(spec: StudySpec, stored: StudySpec, study: optuna.Study) -> None:
@@ -165,13 +186,22 @@ def load(study_name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.
 
 def budget_used(study: optuna.Study) -> tuple[int, int]:
     """(counted trials, running trials): counted = complete + pruned + running + failed-and-not-re-queued."""
-    trials = study.get_trials(deepcopy=False)
-    requeued = {t.system_attrs.get("failed_trial") for t in trials}
+    return count_budget(study.get_trials(deepcopy=False))
+
+
+def requeued_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of the failed trials that Optuna's retry callback re-queued (a copy lists them in ``retry_history``)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+def count_budget(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
+    """(counted, running) of a list of trials; see :func:`budget_used`."""
+    requeued = requeued_numbers(trials)
     counted = running = 0
     for t in trials:
         if t.state == TrialState.RUNNING:
             running += 1
-        if t.state in COUNTED or (t.state == TrialState.FAIL and t._trial_id not in requeued):
+        if t.state in COUNTED or (t.state == TrialState.FAIL and t.number not in requeued):
             counted += 1
     return counted, running
 
@@ -203,13 +233,30 @@ class _Signals:
             signal.signal(sig, handler)
 
 
+def _db_errors(exc: BaseException) -> bool:
+    """Whether an exception is the database's, worth retrying: SQLAlchemy's own, or Optuna's wrapper of a lost
+    connection (``StorageInternalError`` caused by an operational error, as a server restart gives)."""
+    if isinstance(exc, SQLAlchemyError):
+        return True
+    if isinstance(exc, optuna.exceptions.StorageInternalError):
+        cause = exc.__cause__
+        return isinstance(cause, (OperationalError, InterfaceError)) or bool(
+            isinstance(cause, DBAPIError) and cause.connection_invalidated
+        )
+    return False
+
+
 def _with_db_retry(what: str, fn: Callable[[], T], retry_for: float, url: str) -> T:
     deadline = time.monotonic() + retry_for
     delay = 0.5
     while True:
         try:
             return fn()
-        except (DBAPIError, SQLAlchemyError) as exc:
+        except Exception as exc:
+            if not _db_errors(exc):
+                raise
+            if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+                exc = exc.__cause__
             if time.monotonic() + delay > deadline:
                 raise HpoError(
                     f"database {mask(url)} unavailable while trying to {what}: {describe_error(exc, url)}"
@@ -245,7 +292,9 @@ def run_worker(
         retry_for=min(opts.db_retry_for, 30.0),
     )
     if isinstance(study_or_spec, StudySpec):
-        create(study_or_spec, storage_url)
+        _with_db_retry(
+            "create the study", lambda: create(study_or_spec, storage_url, storage), opts.db_retry_for, storage_url
+        )
         name = study_or_spec.name
     else:
         name = study_or_spec
@@ -270,9 +319,20 @@ def run_worker(
     failures = 0
 
     with _Signals(stop) if opts.handle_signals else _nullcontext():
+        size = _population_size(spec, opts.population)
+        if size > 1:  # population mode (issue 8) runs to the budget; the loop below then finds it met
+            from hpo.objectives.population import run_population
+
+            run_population(
+                study, spec, size, storage=storage, url=storage_url, opts=opts, stop=stop, result=result,
+                budget=budget, timeout=timeout, started=started, device=device, threads=threads,
+            )  # fmt: skip
         while not stop.is_set():
             if timeout is not None and time.monotonic() - started >= timeout:
                 result.reason = "timeout"
+                break
+            if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
+                result.reason = "grid exhausted"
                 break
             trial = _with_db_retry(
                 "ask for a trial",
@@ -283,7 +343,7 @@ def run_worker(
             if trial is None:
                 result.reason = result.reason or "budget met"
                 break
-            frozen, interrupted = _run_one(study, trial, spec, objective, device, threads, stop, opts, storage_url)
+            frozen, outcome = _run_one(study, trial, spec, objective, device, threads, stop, opts, storage_url)
             result.ran += 1
             result.trials.append(frozen.number)
             if frozen.state == TrialState.COMPLETE:
@@ -294,9 +354,11 @@ def run_worker(
                 failures = 0
             else:
                 result.failed += 1
-                if interrupted:
+                if outcome == "interrupted":
                     result.interrupted = True
                     break
+                if outcome == "requeued":  # a database error, not the objective's fault
+                    continue
                 failures += 1
                 if failures >= opts.max_consecutive_failures:
                     raise HpoError(
@@ -310,6 +372,14 @@ def run_worker(
     return result
 
 
+def _population_size(spec: StudySpec, requested: int | str | None) -> int:
+    if requested is None and spec.population is None and spec.objective.kind != "training":
+        return 1  # not even importing torch for users' own objectives
+    from hpo.objectives.population import population_size
+
+    return population_size(spec, requested)
+
+
 class _nullcontext:
     def __enter__(self) -> None:
         return None
@@ -319,9 +389,13 @@ class _nullcontext:
 
 
 def _set_threads(threads: int) -> None:
-    import torch
+    """Torch's intra-op threads, where the objective uses torch (it imported torch when it was resolved)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
-    torch.set_num_threads(threads)
+
+_last_reap: dict[str, float] = {}  # study name -> when this process may next look for stale trials
 
 
 def _next_trial(
@@ -334,9 +408,13 @@ def _next_trial(
 ) -> optuna.Trial | None:
     """Ask for a trial inside the budget lock, or return None when the budget is taken and nothing runs."""
     while not stop.is_set():
-        with budget_lock(storage, name), quiet_optuna():
-            if opts.heartbeat_interval is not None:
+        if opts.heartbeat_interval is not None and time.monotonic() >= _last_reap.get(name, 0.0):
+            # Reaping is safe outside the budget lock (a trial changes state once) and needs doing at most once per
+            # heartbeat interval: running it before every ask, inside the lock, serialised three queries per trial.
+            with quiet_optuna():
                 optuna.storages.fail_stale_trials(study)
+            _last_reap[name] = time.monotonic() + opts.heartbeat_interval
+        with budget_lock(storage, name), quiet_optuna():
             if budget is None:
                 return study.ask()
             counted, running = budget_used(study)
@@ -345,8 +423,44 @@ def _next_trial(
         if running == 0 or opts.heartbeat_interval is None:
             return None
         # The budget is taken, but trials still run: wait for them, reaping any whose worker died.
-        stop.wait(max(1.0, opts.heartbeat_interval / 2))
+        stop.wait(min(1.0, opts.heartbeat_interval / 2))
     return None
+
+
+class _Heartbeat:
+    """Records a running trial's heartbeat every ``interval`` seconds, surviving database errors.
+
+    Optuna's own heartbeat thread dies at the first database error, after which the trial looks stale to every other
+    worker; this one logs the error and tries again at the next beat.
+    """
+
+    def __init__(self, trial_id: int, storage: optuna.storages.BaseStorage, interval: int | None, url: str) -> None:
+        self.trial_id, self.storage, self.interval, self.url = trial_id, storage, interval, url
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        if self.interval is not None:
+            self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.trial_id}", daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self) -> None:
+        assert self.interval is not None
+        while True:
+            try:
+                self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+            except Exception as exc:
+                if not _db_errors(exc):
+                    raise
+                log.warning("heartbeat of trial id %d not recorded: %s", self.trial_id, describe_error(exc, self.url))
+            if self.done.wait(self.interval):
+                return
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 def _run_one(
@@ -359,60 +473,98 @@ def _run_one(
     stop: threading.Event,
     opts: WorkerOptions,
     url: str,
-) -> tuple[optuna.trial.FrozenTrial, bool]:
+) -> tuple[optuna.trial.FrozenTrial, str]:
+    """Run one trial and store its outcome: ``"done"``, ``"interrupted"`` or ``"requeued"`` (database error).
+
+    An interrupted trial, or one whose database calls failed mid-run, is failed and re-queued with its parameters.
+    """
     state = TrialState.FAIL
     value: float | None = None
-    interrupted = False
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    outcome = "done"
+    reason: str | None = None
+    error: str | None = None
+    with _Heartbeat(trial._trial_id, study._storage, opts.heartbeat_interval, url):
         try:
-            if trial.user_attrs.get("reason") is not None:  # a re-queued copy: its outcome is its own
-                trial.set_user_attr("reason", None)
+            # A re-queued copy carries its original's attributes; the trial as asked for holds them (no extra read).
+            cached = getattr(trial, "_cached_frozen_trial", None)
+            inherited = cached.user_attrs if cached is not None else trial.user_attrs
             params = search_space.suggest(trial, spec.space)
-            seed = int(trial.user_attrs.get("seed", trial_seed(spec, trial.number)))
-            trial.set_user_attr("seed", seed)
-            trial.set_user_attr("device", device)
-            trial.set_user_attr("threads", threads)
-            trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+            seed = int(inherited.get("seed", trial_seed(spec, trial.number)))
+            attrs: dict[str, Any] = {
+                "seed": seed,
+                "device": device,
+                "threads": threads,
+                "worker": f"{os.uname().nodename}:{os.getpid()}",
+            }
+            if inherited.get("reason") is not None:  # the copy's outcome is its own
+                attrs["reason"] = None
+            set_trial_user_attrs(study._storage, trial._trial_id, attrs)
             ctx = Context(spec=spec, params=params, seed=seed, threads=threads, device=device, stop=stop)
             value = float(objective(trial, ctx))
             if math.isnan(value):
-                trial.set_user_attr("reason", "objective returned NaN")
-                raise optuna.TrialPruned("objective returned NaN")
-            state = TrialState.COMPLETE
+                reason = "objective returned NaN"
+                state = TrialState.PRUNED
+            else:
+                state = TrialState.COMPLETE
         except optuna.TrialPruned:
             state = TrialState.PRUNED
         except Interrupted:
-            interrupted = True
-            trial.set_user_attr("reason", "interrupted")
+            outcome, reason = "interrupted", "interrupted"
         except HpoError:
             _tell(study, trial, TrialState.FAIL, None, opts, url)
             raise
-        except Exception as exc:  # the objective's own failure: recorded, the worker carries on
-            log.exception("trial %d failed", trial.number)
-            trial.set_user_attr("reason", "error")
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
-    frozen = _tell(study, trial, state, value, opts, url)
-    if interrupted:
+        except Exception as exc:
+            if _db_errors(exc):  # the database went away mid-trial: run the trial again later
+                error = describe_error(exc.__cause__ or exc, url)
+                log.warning("database error during trial %d (%s); re-queueing it", trial.number, error)
+                outcome, reason = "requeued", "database error"
+            else:  # the objective's own failure: recorded, the worker carries on
+                log.exception("trial %d failed", trial.number)
+                reason, error = "error", f"{type(exc).__name__}: {exc}"[:500]
+    if reason is not None or error is not None:
+
+        def record() -> None:
+            if reason is not None:
+                trial.set_user_attr("reason", reason)
+            if error is not None:
+                trial.set_user_attr("error", error)
+
+        _with_db_retry("record a trial's outcome", record, max(opts.db_retry_for, 300.0), url)
+    frozen, told = _tell(study, trial, state, value if state == TrialState.COMPLETE else None, opts, url)
+    if outcome != "done" and told:  # not when another worker already reaped (and re-queued) it
         _with_db_retry(
-            "re-queue the interrupted trial",
+            "re-queue the trial",
             lambda: retry_callback(None)(study, frozen),
-            opts.db_retry_for,
+            max(opts.db_retry_for, 300.0),
             url,
         )
-    return frozen, interrupted
+    return frozen, outcome
 
 
 def _tell(
     study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None, opts: WorkerOptions, url: str
-) -> optuna.trial.FrozenTrial:
-    def tell() -> optuna.trial.FrozenTrial:
-        current = study._storage.get_trial(trial._trial_id)
-        if current.state.is_finished():  # an earlier attempt did reach the database
-            return current
+) -> tuple[optuna.trial.FrozenTrial, bool]:
+    """Store the outcome, retrying until the database takes it; (stored trial, whether this call finished it)."""
+
+    attempts = [0]
+
+    def tell() -> tuple[optuna.trial.FrozenTrial, bool]:
+        attempts[0] += 1
+        # After a failed attempt (which may have reached the database), or for a trial that failed (which a worker
+        # may have reaped meanwhile), look first; a plain success needs no extra read.
+        if attempts[0] > 1 or state != TrialState.COMPLETE:
+            current = study._storage.get_trial(trial._trial_id)
+            if current.state.is_finished():
+                return current, False
         with quiet_optuna():
-            if state == TrialState.COMPLETE:
-                return study.tell(trial, value, skip_if_finished=True)
-            return study.tell(trial, state=state, skip_if_finished=True)
+            try:
+                if state == TrialState.COMPLETE:
+                    return study.tell(trial, value, skip_if_finished=True), True
+                return study.tell(trial, state=state, skip_if_finished=True), True
+            except RuntimeError as exc:  # GridSampler calls study.stop() once its grid is used up; the trial is stored
+                if "Study.stop" not in str(exc):
+                    raise
+                return study._storage.get_trial(trial._trial_id), True
 
     return _with_db_retry("store a trial's result", tell, max(opts.db_retry_for, 300.0), url)
 

@@ -35,7 +35,7 @@ def _fresh_database(admin_url: str) -> Iterator[str]:
     """CREATE a uniquely named database on the server, yield its URL, DROP it afterwards."""
     url = make_url(admin_url)
     name = f"hpo_test_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # survives a server restart
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     try:

@@ -24,9 +24,9 @@ from torch import nn
 from hpo import data as data_sources
 from hpo.models import cnn, mlp
 from hpo.objectives import Context
-from hpo.spec import TrainingObjective
+from hpo.spec import TRAINING_METRICS, TrainingObjective
 
-METRICS = ("val_accuracy", "val_loss", "train_loss", "val_error")
+METRICS = TRAINING_METRICS
 #: Below this many parameters the single-tensor optimizer path is faster than ``foreach``.
 SMALL_MODEL = 200_000
 

@@ -1,0 +1,16 @@
+# hpo worker / dashboard image: CPU PyTorch, then hpo. Built by docker-compose.yml (see README, "Many workers").
+FROM python:3.11-slim
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+# CPU build of the pinned torch first, so that hpo's own requirement (torch>=2.2,<3) pulls no CUDA wheels.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY hpo ./hpo
+RUN pip install . && useradd --create-home --uid 1000 hpo
+COPY studies ./studies
+
+USER hpo
+# Compose gives each service its command; alone, the image shows what it can do.
+CMD ["hpo", "--help"]

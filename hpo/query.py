@@ -1,0 +1,310 @@
+"""Programmatic queries on stored studies, for analysts; the CLI's ``studies``/``trials``/``best``/``importance``.
+
+Everything opens the storage read-only (:func:`hpo.storage.open_read_only`) and loads no more than it must:
+``studies`` reads study rows plus one ``GROUP BY`` over trials and Optuna's own best-trial query per study;
+``trials(limit=N)`` picks N trial ids in SQL and loads only those through Optuna's storage API. Only
+``importances`` and ``curves`` (and ``trials`` without a limit) load a whole study, as they must.
+
+Example:
+    >>> from hpo import query
+    >>> df = query.trials("sqlite:///hpo.db", "spirals-optimizer", states=["COMPLETE"], limit=20)  # doctest: +SKIP
+    >>> query.best("sqlite:///hpo.db", "spirals-optimizer")[0]["value"]  # doctest: +SKIP
+    0.87
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import optuna
+import pandas as pd
+import sqlalchemy as sa
+from optuna.storages._rdb import models
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.errors import HpoError, StudyError
+from hpo.storage import mask, open_read_only, quiet_optuna
+
+#: user attributes that get a column of their own in :func:`trials`.
+TRIAL_ATTRS: tuple[str, ...] = ("epochs_reached", "reason", "seed", "device", "worker")
+STATES: tuple[str, ...] = tuple(s.name for s in TrialState)
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    storage = open_read_only(url)
+    if not sa.inspect(storage.engine).has_table(models.StudyModel.__tablename__):
+        raise StudyError(f"no Optuna studies in {mask(url)} (its tables do not exist)")
+    return storage
+
+
+def _study_id(storage: optuna.storages.RDBStorage, study: str, url: str) -> int:
+    try:
+        return storage.get_study_id_from_name(study)
+    except KeyError:
+        raise StudyError(f"no study named {study!r} in {mask(url)}") from None
+
+
+def parse_states(states: Iterable[str | TrialState] | None) -> tuple[TrialState, ...] | None:
+    """``["complete", "PRUNED"]`` -> TrialStates; ``None`` means all.
+
+    Raises:
+        HpoError: an unknown state name.
+    """
+    if states is None:
+        return None
+    out: list[TrialState] = []
+    for s in states:
+        if isinstance(s, TrialState):
+            out.append(s)
+            continue
+        for part in str(s).split(","):
+            name = part.strip().upper()
+            if not name:
+                continue
+            if name not in STATES:
+                raise HpoError(f"unknown trial state {part.strip()!r} (known: {', '.join(STATES).lower()})")
+            out.append(TrialState[name])
+    return tuple(out) or None
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat(sep=" ", timespec="seconds") if dt else None
+
+
+def studies(storage_url: str) -> list[dict[str, Any]]:
+    """Every study in a storage, without loading its trials.
+
+    Returns:
+        One dict per study: ``name``, ``direction``, ``n_trials``, one count per state (``complete``, ``pruned``,
+        ``fail``, ``running``, ``waiting``), ``best_value``, ``best_trial``, ``created`` (first trial start),
+        ``updated`` (last trial completion), ``metric``, ``sampler``, ``pruner``, ``budget`` (as stored by hpo).
+    """
+    storage = _storage(storage_url)
+    t = models.TrialModel.__table__
+    stmt = sa.select(
+        t.c.study_id,
+        t.c.state,
+        sa.func.count(),
+        sa.func.min(t.c.datetime_start),
+        sa.func.max(t.c.datetime_complete),
+    ).group_by(t.c.study_id, t.c.state)
+    with quiet_optuna():
+        frozen = storage.get_all_studies()
+    with storage.engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    counts: dict[int, dict[str, int]] = {}
+    first: dict[int, datetime] = {}
+    last: dict[int, datetime] = {}
+    for study_id, state, n, started, completed in rows:
+        name = state.name if isinstance(state, TrialState) else str(state)
+        counts.setdefault(study_id, {})[name.lower()] = int(n)
+        if started is not None and (study_id not in first or started < first[study_id]):
+            first[study_id] = started
+        if completed is not None and (study_id not in last or completed > last[study_id]):
+            last[study_id] = completed
+    result = []
+    for fs in frozen:
+        sid = fs._study_id
+        c = counts.get(sid, {})
+        best_value: float | None = None
+        best_trial: int | None = None
+        if len(fs.directions) == 1 and c.get("complete"):
+            try:
+                bt = storage.get_best_trial(sid)
+                best_value, best_trial = bt.value, bt.number
+            except ValueError:
+                pass
+        result.append(
+            {
+                "name": fs.study_name,
+                "direction": ",".join(d.name.lower() for d in fs.directions),
+                "n_trials": sum(c.values()),
+                **{s.lower(): c.get(s.lower(), 0) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
+                "best_value": best_value,
+                "best_trial": best_trial,
+                "created": _iso(first.get(sid)),
+                "updated": _iso(last.get(sid)),
+                "metric": fs.user_attrs.get("metric"),
+                "sampler": fs.user_attrs.get("sampler"),
+                "pruner": fs.user_attrs.get("pruner"),
+                "budget": fs.user_attrs.get("budget"),
+            }
+        )
+    return result
+
+
+def _row(t: FrozenTrial) -> dict[str, Any]:
+    duration = t.duration.total_seconds() if t.duration is not None else None
+    row: dict[str, Any] = {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value if t.values is not None and len(t.values) == 1 else (t.values and list(t.values)),
+    }
+    for k, v in sorted(t.params.items()):
+        row[f"params_{k}"] = v if not isinstance(v, list | tuple) else str(list(v))
+    row.update(
+        {
+            "datetime_start": t.datetime_start,
+            "datetime_complete": t.datetime_complete,
+            "duration": duration,
+        }
+    )
+    for k in TRIAL_ATTRS:
+        row[k] = t.user_attrs.get(k)
+    return row
+
+
+def _frame(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
+    rows = [_row(t) for t in trials]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(
+            columns=["number", "state", "value", "datetime_start", "datetime_complete", "duration", *TRIAL_ATTRS]
+        )
+    fixed = ["number", "state", "value"]
+    params = sorted(c for c in df.columns if c.startswith("params_"))
+    rest = [c for c in df.columns if c not in fixed and c not in params]
+    return df[fixed + params + rest].reset_index(drop=True)
+
+
+def _limited_ids(
+    storage: optuna.storages.RDBStorage, study_id: int, states: tuple[TrialState, ...] | None, limit: int
+) -> list[int]:
+    t = models.TrialModel.__table__
+    stmt = sa.select(t.c.trial_id).where(t.c.study_id == study_id)
+    if states is not None:
+        stmt = stmt.where(t.c.state.in_(list(states)))
+    stmt = stmt.order_by(t.c.number).limit(limit)
+    with storage.engine.connect() as conn:
+        return [r[0] for r in conn.execute(stmt)]
+
+
+def trials(
+    storage_url: str,
+    study: str,
+    states: Iterable[str | TrialState] | None = None,
+    limit: int | None = None,
+) -> pd.DataFrame:
+    """Trials of a study as a DataFrame, ordered by trial number.
+
+    Args:
+        storage_url: a SQLAlchemy URL.
+        study: the study name.
+        states: keep only these states (names, any case; ``None``: all).
+        limit: at most this many trials (the first by number); only these are loaded.
+
+    Returns:
+        Columns ``number``, ``state``, ``value``, ``params_<name>`` ..., ``datetime_start``, ``datetime_complete``,
+        ``duration`` (seconds), ``epochs_reached``, ``reason``, ``seed``, ``device``, ``worker``.
+
+    Raises:
+        StudyError: no such study.
+    """
+    if limit is not None and limit < 0:
+        raise HpoError(f"limit must be >= 0 (got {limit})")
+    wanted = parse_states(states)
+    storage = _storage(storage_url)
+    sid = _study_id(storage, study, storage_url)
+    if limit is None:
+        frozen = storage.get_all_trials(sid, deepcopy=False, states=wanted)
+    else:
+        frozen = [storage.get_trial(tid) for tid in _limited_ids(storage, sid, wanted, limit)]
+    return _frame(sorted(frozen, key=lambda t: t.number))
+
+
+def _direction(storage: optuna.storages.RDBStorage, sid: int, study: str) -> optuna.study.StudyDirection:
+    directions = storage.get_study_directions(sid)
+    if len(directions) != 1:
+        raise StudyError(f"study {study!r} has {len(directions)} objectives; best trials need exactly one")
+    return directions[0]
+
+
+def best(storage_url: str, study: str, n: int = 1) -> list[dict[str, Any]]:
+    """The ``n`` best COMPLETE trials, best first (empty list if none completed).
+
+    ``n == 1`` is Optuna's own best-trial query; for more, only (trial id, value) pairs are read to rank them.
+
+    Returns:
+        Dicts with ``number``, ``value``, ``params``, ``duration``, ``user_attrs``.
+    """
+    if n < 1:
+        raise HpoError(f"n must be >= 1 (got {n})")
+    storage = _storage(storage_url)
+    sid = _study_id(storage, study, storage_url)
+    direction = _direction(storage, sid, study)
+    if n == 1:
+        try:
+            chosen = [storage.get_best_trial(sid)]
+        except ValueError:
+            chosen = []
+    else:
+        t, v = models.TrialModel.__table__, models.TrialValueModel.__table__
+        stmt = (
+            sa.select(t.c.trial_id, t.c.number, v.c.value, v.c.value_type)
+            .join(v, v.c.trial_id == t.c.trial_id)
+            .where(t.c.study_id == sid, t.c.state == TrialState.COMPLETE, v.c.objective == 0)
+        )
+        with storage.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        vt = models.TrialValueModel.TrialValueType
+
+        def value(r: Any) -> float:
+            kind = r.value_type if isinstance(r.value_type, vt) else vt[str(r.value_type)]
+            return models.TrialValueModel.stored_repr_to_value(r.value, kind)
+
+        sign = -1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        ranked = sorted(rows, key=lambda r: (sign * value(r), r.number))[:n]
+        chosen = [storage.get_trial(r.trial_id) for r in ranked]
+    return [
+        {
+            "number": t.number,
+            "value": t.value,
+            "params": dict(t.params),
+            "duration": t.duration.total_seconds() if t.duration is not None else None,
+            "user_attrs": dict(t.user_attrs),
+        }
+        for t in chosen
+    ]
+
+
+def load_study(storage_url: str, study: str) -> optuna.Study:
+    """The whole study, read-only (for reports and hypotheses).
+
+    Raises:
+        StudyError: no such study.
+    """
+    storage = _storage(storage_url)
+    _study_id(storage, study, storage_url)
+    with quiet_optuna():
+        return optuna.load_study(study_name=study, storage=storage)
+
+
+def importances(storage_url: str, study: str | optuna.Study, seed: int = 0) -> dict[str, float]:
+    """Parameter importances (Optuna's fANOVA evaluator, seeded), most important first.
+
+    Returns an empty dict when fewer than two trials completed or no parameter varies.
+    """
+    s = study if isinstance(study, optuna.Study) else load_study(storage_url, study)
+    complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2 or len(s.directions) != 1:
+        return {}
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+        result = optuna.importance.get_param_importances(s, evaluator=evaluator)
+    except (ValueError, RuntimeError):
+        return {}
+    return {k: float(v) for k, v in result.items() if not math.isnan(v)}
+
+
+def curves(storage_url: str, study: str | optuna.Study) -> pd.DataFrame:
+    """Stored intermediate values (learning curves), long format: ``number``, ``state``, ``step``, ``value``."""
+    s = study if isinstance(study, optuna.Study) else load_study(storage_url, study)
+    rows = [
+        {"number": t.number, "state": t.state.name, "step": step, "value": value}
+        for t in s.get_trials(deepcopy=False)
+        for step, value in sorted(t.intermediate_values.items())
+    ]
+    return pd.DataFrame(rows, columns=["number", "state", "step", "value"])

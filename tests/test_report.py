@@ -1,0 +1,84 @@
+"""The HTML report: every section on a real-shaped study; honest on empty / failed studies; safe file names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState, create_trial
+
+from hpo.report import safe_filename, write_report
+
+from .analyst_helpers import DISTS, mixed_study
+from .conftest import hpo_cli
+
+
+def test_report_has_every_plot(sqlite_url: str, tmp_path: Path) -> None:
+    mixed_study(sqlite_url, "rep", n=40)
+    path = write_report(sqlite_url, "rep", tmp_path / "r.html")
+    page = path.read_text()
+    ids = set(re.findall(r'id="(plot-[^"]+)"', page))
+    assert {"plot-history", "plot-importances", "plot-contour-lr-batch_size", "plot-optimizer", "plot-curves"} <= ids
+    assert {"plot-slice-lr", "plot-slice-batch_size", "plot-slice-epochs", "plot-slice-optimizer"} <= ids
+    assert "lr matters most" in page
+    assert "Best region for lr" in page
+    assert '"type":"log"' in page.replace(" ", "")  # lr's slice has a log axis
+    from plotly.offline import get_plotlyjs
+
+    assert get_plotlyjs() in page  # plotly.js inlined: works offline
+    assert "Best trials" in page
+
+
+def test_empty_study_gives_honest_report(sqlite_url: str, tmp_path: Path) -> None:
+    optuna.create_study(study_name="empty", storage=sqlite_url)
+    res = hpo_cli("report", "empty", "--storage", sqlite_url, "-o", str(tmp_path / "e.html"))
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "e.html").read_text()
+    assert "No trial has finished yet" in page and 'id="plot-' not in page
+
+
+def test_only_failed_trials(sqlite_url: str, tmp_path: Path) -> None:
+    s = optuna.create_study(study_name="failed", storage=sqlite_url)
+    s.add_trials(
+        [
+            create_trial(
+                state=TrialState.FAIL,
+                params={"lr": 0.01},
+                distributions={"lr": DISTS["lr"]},
+                user_attrs={"error": "RuntimeError: boom"},
+            )
+            for _ in range(3)
+        ]
+    )
+    res = hpo_cli("report", "failed", "--storage", sqlite_url, "-o", str(tmp_path / "f.html"))
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "f.html").read_text()
+    assert "No trial completed" in page and "3 fail" in page and "RuntimeError: boom" in page
+    res = hpo_cli("best", "failed", "--storage", sqlite_url)
+    assert res.returncode == 0 and "no completed trial" in res.stdout
+
+
+def test_unwritable_output_exit_2(sqlite_url: str, tmp_path: Path) -> None:
+    mixed_study(sqlite_url, "w", n=8)
+    res = hpo_cli("report", "w", "--storage", sqlite_url, "-o", str(tmp_path / "missing-dir" / "r.html"))
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: cannot write the report to") and res.stderr.count("\n") == 1
+
+
+def test_unknown_study_exit_2(sqlite_url: str, tmp_path: Path) -> None:
+    mixed_study(sqlite_url, "w", n=4)
+    res = hpo_cli("report", "nope", "--storage", sqlite_url, "-o", str(tmp_path / "r.html"))
+    assert res.returncode == 2 and "no study named 'nope'" in res.stderr
+
+
+def test_hostile_study_name_stays_in_folder(sqlite_url: str, tmp_path: Path) -> None:
+    hostile = "../../etc/x"
+    mixed_study(sqlite_url, hostile, n=4)
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    path = write_report(sqlite_url, hostile, folder)
+    assert path.parent.resolve() == folder.resolve() and path.is_file()
+    assert list(folder.iterdir()) == [path]
+    for name in ("..", "/", "a/../../b", "..\\..\\c", ""):
+        assert "/" not in safe_filename(name) and not safe_filename(name).startswith(".")

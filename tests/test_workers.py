@@ -1,0 +1,293 @@
+"""Many ``hpo worker`` processes on one study in a shared SQL database: budget, crashes, restarts, signals, errors.
+
+Every test starts real ``python -m hpo worker`` processes against the real SQLite / PostgreSQL / MariaDB servers and
+checks what ends up stored. The objective is ``tests/worker_objectives.py:sleepy`` (sleeps, returns ``x``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from hpo.storage import POOL_SIZE, open_storage
+from hpo.worker import budget_used
+
+from .conftest import hpo_cli, write_study
+
+TESTS = Path(__file__).resolve().parent
+ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+FAST = ["--heartbeat", "1", "--grace", "3", "--threads", "1", "--quiet"]
+
+
+def sleepy_study(tmp_path: Path, name: str, n_trials: int, sleep: float, **options: object) -> Path:
+    return write_study(
+        tmp_path / f"{name}.yaml",
+        name,
+        objective={"kind": "worker_objectives:sleepy", "sleep": sleep, **options},
+        space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
+        sampler={"name": "random", "seed": 0},
+        budget={"n_trials": n_trials},
+    )
+
+
+def start_worker(study: str | Path, url: str, *extra: str) -> subprocess.Popen[str]:
+    """One ``hpo worker`` process; the URL travels in HPO_STORAGE, as ``hpo run --workers`` passes it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo", "worker", str(study), *FAST, *extra],
+        env={**os.environ, **ENV, "HPO_STORAGE": url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(procs: list[subprocess.Popen[str]], timeout: float = 240) -> list[tuple[int, str]]:
+    """Wait for every process; (exit status, stderr) each."""
+    results = []
+    for p in procs:
+        _, stderr = p.communicate(timeout=timeout)
+        results.append((p.returncode, stderr))
+    return results
+
+
+def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
+
+
+def counted(url: str, name: str) -> tuple[int, int]:
+    storage = open_storage(url)
+    try:
+        return budget_used(optuna.load_study(study_name=name, storage=storage))
+    finally:
+        storage.engine.dispose()
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 120) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_budget_exact(url: str, name: str, budget: int) -> list[optuna.trial.FrozenTrial]:
+    ts = trials(url, name)
+    assert [t.number for t in ts if t.state == TrialState.RUNNING] == []
+    requeued = {n for t in ts for n in t.system_attrs.get("retry_history", ())}
+    finished = [
+        t
+        for t in ts
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and t.number not in requeued)
+    ]
+    assert len(finished) == budget
+    return ts
+
+
+# --------------------------------------------------------------------------- the global budget
+
+
+def test_four_workers_meet_the_budget_exactly(storage_url: str, study_name: str, tmp_path: Path) -> None:
+    study = sleepy_study(tmp_path, study_name, n_trials=40, sleep=0.05)
+    procs = [start_worker(study, storage_url) for _ in range(4)]
+    results = finish(procs)
+    assert [rc for rc, _ in results] == [0, 0, 0, 0], [e for _, e in results]
+    ts = assert_budget_exact(storage_url, study_name, 40)
+    assert all(t.state == TrialState.COMPLETE for t in ts)
+    assert len({t.user_attrs["worker"] for t in ts}) > 1  # the work was shared
+
+
+def test_workers_by_study_name_after_create(postgres_url: str, study_name: str, tmp_path: Path) -> None:
+    study = sleepy_study(tmp_path, study_name, n_trials=12, sleep=0.05)
+    created = hpo_cli("create", str(study), "--storage", postgres_url, env=ENV)
+    assert created.returncode == 0, created.stderr
+    assert hpo_cli("create", str(study), "--storage", postgres_url, env=ENV).returncode == 0  # idempotent
+    results = finish([start_worker(study_name, postgres_url) for _ in range(2)])
+    assert [rc for rc, _ in results] == [0, 0], [e for _, e in results]
+    assert_budget_exact(postgres_url, study_name, 12)
+
+
+# --------------------------------------------------------------------------- crashes and signals
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_killed_worker_trial_is_failed_and_rerun(
+    backend: str, request: pytest.FixtureRequest, study_name: str, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue(f"{backend}_url")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    study = sleepy_study(tmp_path, study_name, n_trials=6, sleep=2.0, marker_dir=str(markers))
+    assert hpo_cli("create", str(study), "--storage", url, env=ENV).returncode == 0
+    victim = start_worker(study, url)
+    started = wait_for(lambda: list(markers.glob(f"{victim.pid}-*")), "the victim to start a trial")
+    killed_number = int(started[0].name.split("-")[1])
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    survivor = start_worker(study, url)
+    [(rc, stderr)] = finish([survivor])
+    assert rc == 0, stderr
+    ts = assert_budget_exact(url, study_name, 6)
+    killed = next(t for t in ts if t.number == killed_number)
+    assert killed.state == TrialState.FAIL
+    copies = [t for t in ts if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(copies) == 1
+    assert copies[0].params == killed.params
+    assert copies[0].state == TrialState.COMPLETE
+    assert copies[0].user_attrs["worker"].endswith(f":{survivor.pid}")
+
+
+def test_sigterm_mid_trial_exits_0_and_requeues(postgres_url: str, study_name: str, tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    study = sleepy_study(tmp_path, study_name, n_trials=3, sleep=60.0, marker_dir=str(markers))
+    proc = start_worker(study, postgres_url)
+    started = wait_for(lambda: list(markers.glob(f"{proc.pid}-*")), "the worker to start a trial")
+    number = int(started[0].name.split("-")[1])
+    proc.send_signal(signal.SIGTERM)
+    [(rc, stderr)] = finish([proc], timeout=60)
+    assert rc == 0, stderr
+    ts = trials(postgres_url, study_name)
+    assert [t.number for t in ts if t.state == TrialState.RUNNING] == []
+    stopped = next(t for t in ts if t.number == number)
+    assert stopped.state == TrialState.FAIL
+    assert stopped.user_attrs["reason"] == "interrupted"
+    [copy] = [t for t in ts if t.system_attrs.get("failed_trial") == stopped.number]
+    assert copy.state == TrialState.WAITING
+    assert copy.params == stopped.params or copy.system_attrs.get("fixed_params") == stopped.params
+    assert counted(postgres_url, study_name) == (0, 0)  # the interrupted trial gave its slot back
+
+
+# --------------------------------------------------------------------------- databases
+
+
+def test_postgres_restart_while_workers_run(postgres_url: str, study_name: str, tmp_path: Path) -> None:
+    if os.environ.get("HPO_TEST_PG_ADMIN") != "1":
+        pytest.skip("restarts the machine's PostgreSQL server; set HPO_TEST_PG_ADMIN=1 to allow it")
+    study = sleepy_study(tmp_path, study_name, n_trials=40, sleep=0.3)
+    assert hpo_cli("create", str(study), "--storage", postgres_url, env=ENV).returncode == 0
+    procs = [start_worker(study, postgres_url) for _ in range(3)]
+
+    def done() -> list[int]:
+        nums = [t.number for t in trials(postgres_url, study_name) if t.state == TrialState.COMPLETE]
+        return nums if len(nums) >= 8 else []
+
+    before = set(wait_for(done, "8 finished trials"))  # type: ignore[arg-type]
+    cluster = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"], check=True, timeout=120)
+    results = finish(procs, timeout=300)
+    for rc, stderr in results:
+        assert rc == 0, stderr
+        assert "Traceback" not in stderr
+    ts = assert_budget_exact(postgres_url, study_name, 40)
+    complete = {t.number for t in ts if t.state == TrialState.COMPLETE}
+    assert before <= complete
+
+
+@pytest.mark.slow
+def test_sixteen_workers_stay_within_the_connection_budget(postgres_url: str, study_name: str, tmp_path: Path) -> None:
+    study = sleepy_study(tmp_path, study_name, n_trials=64, sleep=0.5)
+    assert hpo_cli("create", str(study), "--storage", postgres_url, env=ENV).returncode == 0
+    database = sqlalchemy.engine.make_url(postgres_url).database
+    admin = sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    procs = [start_worker(study, postgres_url) for _ in range(16)]
+    peak_total = 0
+    peak_per_worker = 0
+    seen_apps: set[str] = set()
+    try:
+        while any(p.poll() is None for p in procs):
+            with admin.connect() as conn:
+                rows = conn.execute(
+                    sqlalchemy.text(
+                        "SELECT application_name, count(*) FROM pg_stat_activity "
+                        "WHERE datname = :db AND pid <> pg_backend_pid() GROUP BY application_name"
+                    ),
+                    {"db": database},
+                ).all()
+            workers = {app: n for app, n in rows if app.startswith("hpo:")}
+            seen_apps |= set(workers)
+            peak_total = max(peak_total, sum(workers.values()))
+            peak_per_worker = max([peak_per_worker, *workers.values()])
+            time.sleep(0.3)
+        results = finish(procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        admin.dispose()
+    assert [rc for rc, _ in results] == [0] * 16, [e for _, e in results if e]
+    assert all("error" not in stderr.lower() for _, stderr in results)
+    assert len(seen_apps) >= 8  # the sampling did see the workers connected
+    assert 1 <= peak_per_worker <= POOL_SIZE
+    assert peak_total <= 16 * POOL_SIZE
+    assert_budget_exact(postgres_url, study_name, 64)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    return errors[0]
+
+
+def test_unknown_study_name(storage_url: str) -> None:
+    proc = hpo_cli("worker", "no-such-study", "--storage", storage_url, "--db-retry-for", "1", env=ENV)
+    assert "no study named 'no-such-study'" in one_line_error(proc)
+
+
+def test_study_file_disagreeing_with_stored_study(storage_url: str, study_name: str, tmp_path: Path) -> None:
+    first = sleepy_study(tmp_path, study_name, n_trials=2, sleep=0.0)
+    assert hpo_cli("create", str(first), "--storage", storage_url, env=ENV).returncode == 0
+    other = write_study(
+        tmp_path / "other.yaml",
+        study_name,
+        objective={"kind": "worker_objectives:sleepy"},
+        space={"x": {"type": "float", "low": 0.0, "high": 2.0}},
+        sampler={"name": "random", "seed": 0},
+        budget={"n_trials": 2},
+    )
+    line = one_line_error(hpo_cli("worker", str(other), "--storage", storage_url, env=ENV))
+    assert "space.x differs" in line
+    assert trials(storage_url, study_name) == []  # nothing ran
+
+
+def test_unreachable_database_fails_after_bounded_retries(tmp_path: Path) -> None:
+    study = sleepy_study(tmp_path, "unreachable", n_trials=2, sleep=0.0)
+    url = "postgresql+psycopg://hpo:pw-unreachable-7@127.0.0.1:9/hpo"
+    proc = hpo_cli("worker", str(study), "--db-retry-for", "2", env={**ENV, "HPO_STORAGE": url})
+    line = one_line_error(proc)
+    assert "cannot connect to postgresql+psycopg://hpo:***@127.0.0.1:9/hpo" in line
+    assert "retrying" in proc.stderr  # it did retry before giving up
+    assert "pw-unreachable-7" not in proc.stdout + proc.stderr
+
+
+def test_wrong_password_is_masked(mysql_url: str, tmp_path: Path) -> None:
+    study = sleepy_study(tmp_path, "wrong-password", n_trials=2, sleep=0.0)
+    secret = "Wr0ng-s3cret"
+    url = sqlalchemy.engine.make_url(mysql_url).set(password=secret).render_as_string(hide_password=False)
+    proc = hpo_cli("worker", str(study), "--storage", url, "--db-retry-for", "30", env=ENV)
+    line = one_line_error(proc)
+    assert "Access denied" in line
+    assert secret not in proc.stdout + proc.stderr
+    assert "retrying" not in proc.stderr  # refused credentials are final at once
