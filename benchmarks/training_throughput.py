@@ -47,10 +47,46 @@ class Case:
 
 
 CASES = [
-    Case("spirals [2,10,1] sgd", {"source": "spirals"}, {"kind": "mlp", "layers": [10]}, "mse", "sgd", 0.01, (16, 128, 1024), False),
-    Case("spirals [64,64] adam", {"source": "spirals"}, {"kind": "mlp", "layers": [64, 64]}, "bce", "adam", 0.003, (16, 128, 1024), True),
-    Case("digits [256,256] adam", {"source": "digits"}, {"kind": "mlp", "layers": [256, 256]}, "cross_entropy", "adam", 0.001, (16, 128, 1024), True),
-    Case("mnist1d cnn [32,32,32] adam", {"source": "mnist1d"}, {"kind": "cnn", "channels": [32, 32, 32]}, "cross_entropy", "adam", 0.003, (16, 128, 1024), True),
+    Case(
+        "spirals [2,10,1] sgd",
+        {"source": "spirals"},
+        {"kind": "mlp", "layers": [10]},
+        "mse",
+        "sgd",
+        0.01,
+        (16, 128, 1024),
+        False,
+    ),
+    Case(
+        "spirals [64,64] adam",
+        {"source": "spirals"},
+        {"kind": "mlp", "layers": [64, 64]},
+        "bce",
+        "adam",
+        0.003,
+        (16, 128, 1024),
+        True,
+    ),
+    Case(
+        "digits [256,256] adam",
+        {"source": "digits"},
+        {"kind": "mlp", "layers": [256, 256]},
+        "cross_entropy",
+        "adam",
+        0.001,
+        (16, 128, 1024),
+        True,
+    ),
+    Case(
+        "mnist1d cnn [32,32,32] adam",
+        {"source": "mnist1d"},
+        {"kind": "cnn", "channels": [32, 32, 32]},
+        "cross_entropy",
+        "adam",
+        0.003,
+        (16, 128, 1024),
+        True,
+    ),
 ]
 
 
@@ -110,11 +146,12 @@ def bare_loop(obj, batch_size: int, epochs: int, seed: int = 0) -> None:
             opt.step()
 
 
-def best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int, *args) -> float:
+    """The fastest of ``repeats`` calls: the least disturbed by other work on the machine."""
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -129,9 +166,22 @@ def peak_rss_mb(quick: bool) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         subprocess.run(
-            [sys.executable, "-m", "hpo", "run", str(ROOT / "studies" / "spirals-optimizer.yaml"),
-             "--storage", f"sqlite:///{tmp}/m.db", "--n-trials", "2" if quick else "8", "--threads", "1"],
-            check=True, capture_output=True, cwd=tmp,
+            [
+                sys.executable,
+                "-m",
+                "hpo",
+                "run",
+                str(ROOT / "studies" / "spirals-optimizer.yaml"),
+                "--storage",
+                f"sqlite:///{tmp}/m.db",
+                "--n-trials",
+                "2" if quick else "8",
+                "--threads",
+                "1",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=tmp,
         )
         after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(before, after) / 1024
@@ -155,18 +205,21 @@ def main() -> None:
             epochs = epochs_for(n, bs, args.quick)
             obj = _spec(case, epochs)
             train(obj, {"batch_size": bs, "epochs": 1}, 0)  # warm up: data cache, allocator
-            t_lesson = best_time(lambda: lesson_loop(obj, bs, epochs), repeats)
-            t_hpo = best_time(lambda: train(obj, {"batch_size": bs}, 0), repeats)
+            lesson_loop(obj, bs, 1)
+            t_lesson = best_time(lesson_loop, repeats, obj, bs, epochs)
+            t_hpo = best_time(train, repeats, obj, {"batch_size": bs}, 0)
             samples = n * epochs
             bare = ""
             overhead = ""
             if case.bare:
-                t_bare = best_time(lambda: bare_loop(obj, bs, epochs), repeats)
+                t_bare = best_time(bare_loop, repeats, obj, bs, epochs)
                 bare = f"{samples / t_bare:10.0f}"
                 overhead = f"{t_hpo / t_bare:13.2f}"
             ratio = t_lesson / t_hpo
             rows.append((case.name, bs, ratio))
-            print(f"{case.name:30} {bs:5d} {samples / t_lesson:10.0f} {samples / t_hpo:10.0f} {ratio:9.2f}x {bare:>10} {overhead:>13}")
+            print(
+                f"{case.name:30} {bs:5d} {samples / t_lesson:10.0f} {samples / t_hpo:10.0f} {ratio:9.2f}x {bare:>10} {overhead:>13}"
+            )
     print(f"peak RSS of one worker process on the spirals study: {peak_rss_mb(args.quick):.0f} MB")
 
 

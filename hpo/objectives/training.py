@@ -1,10 +1,10 @@
 """The generic supervised training loop.
 
 Fast on purpose, because an HPO service spends its time here: the data stays as tensors (one permutation per epoch,
-contiguous slices of it as mini-batches, no DataLoader), no host sync inside an epoch (the training loss is summed
-on the device and read once per epoch, which is also where divergence is checked), validation runs in one pass
-under ``inference_mode``, and small models use the optimizers' single-tensor code path, which has less per-step
-overhead than the ``foreach`` one.
+contiguous slices of it as mini-batches, no DataLoader), no host sync inside an epoch (the batch losses are kept on
+the device and read once per epoch, which is also where divergence is checked), validation runs in one pass under
+``inference_mode``, MLPs call ``F.linear`` directly (:class:`hpo.models.MLP`), and small models step with
+:class:`hpo.objectives.optim.LeanOptimizer` (torch.optim's arithmetic without its per-call overhead).
 
 Each epoch reports the study's metric (``val_accuracy``, ``val_loss`` or ``train_loss``) to the trial and asks the
 pruner. A loss that becomes NaN or infinite prunes the trial with ``reason=diverged`` and the epoch.
@@ -24,10 +24,11 @@ from torch import nn
 from hpo import data as data_sources
 from hpo.models import cnn, mlp
 from hpo.objectives import Context
+from hpo.objectives.optim import LeanOptimizer
 from hpo.spec import TRAINING_METRICS, TrainingObjective
 
 METRICS = TRAINING_METRICS
-#: Below this many parameters the single-tensor optimizer path is faster than ``foreach``.
+#: Below this many parameters a training step is dominated by per-call overhead: use :class:`LeanOptimizer`.
 SMALL_MODEL = 200_000
 
 
@@ -82,21 +83,25 @@ def build_model(obj: TrainingObjective, cfg: TrainConfig, input_shape: tuple[int
     return mlp(math.prod(input_shape), list(cfg.layers), n_out, cfg.activation)
 
 
-def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """sgd, sgd_momentum, adam, adamw, rmsprop with the trial's lr, momentum, weight decay and betas."""
-    small = sum(p.numel() for p in params) < SMALL_MODEL
-    fast = {"foreach": False} if small else {}
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer | LeanOptimizer:
+    """sgd, sgd_momentum, adam, adamw, rmsprop with the trial's lr, momentum, weight decay and betas.
+
+    Small models get :class:`LeanOptimizer` (torch.optim's arithmetic without its per-step overhead), larger ones
+    torch.optim itself.
+    """
     betas = (cfg.beta1, cfg.beta2)
+    if sum(p.numel() for p in params) < SMALL_MODEL:
+        return LeanOptimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, betas)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd_momentum":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -189,19 +194,16 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         perm = torch.randperm(n, generator=gen).to(device)
         xs, ys = x[perm], y[perm]
-        total = torch.zeros((), device=device)
-        steps = 0
+        losses = []
         for i in range(0, n, bs):
             if check_stop is not None:
                 check_stop()
-            out = model(xs[i : i + bs])
-            batch_loss = loss(out, ys[i : i + bs])
+            batch_loss = loss(model(xs[i : i + bs]), ys[i : i + bs])
             opt.zero_grad(set_to_none=True)
             batch_loss.backward()
             opt.step()
-            total += batch_loss.detach()
-            steps += 1
-        train_loss = float(total) / steps
+            losses.append(batch_loss.detach())
+        train_loss = float(torch.stack(losses).mean())  # the one host sync of the epoch
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss became {train_loss} in epoch {epoch}", epoch)
         val_loss, val_acc = evaluate(model, loss, xv, yv)
