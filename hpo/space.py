@@ -14,8 +14,14 @@ import optuna
 from hpo.spec import ChoiceParam, FixedParam, FloatParam, IntParam, StudySpec
 
 
-def _encode(choice: Any) -> Any:
+def encode(choice: Any) -> Any:
+    """The value Optuna stores for a choice: lists become JSON strings (categoricals must be scalars)."""
     return json.dumps(choice) if isinstance(choice, list) else choice
+
+
+def encode_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Fixed parameters (``enqueue:``, ``hpo enqueue``) as Optuna stores them."""
+    return {k: encode(v) for k, v in params.items()}
 
 
 def decode(value: Any) -> Any:
@@ -29,7 +35,7 @@ def _active(param: Any, chosen: dict[str, Any]) -> bool:
     when = getattr(param, "when", None)
     if not when:
         return True
-    return all(decode(chosen.get(name)) in [decode(_encode(v)) for v in allowed] for name, allowed in when.items())
+    return all(decode(chosen.get(name)) in [decode(encode(v)) for v in allowed] for name, allowed in when.items())
 
 
 def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +52,7 @@ def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(p, FloatParam):
             chosen[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
         elif isinstance(p, ChoiceParam):
-            chosen[name] = trial.suggest_categorical(name, [_encode(c) for c in p.choices])
+            chosen[name] = trial.suggest_categorical(name, [encode(c) for c in p.choices])
         elif isinstance(p, FixedParam):
             chosen[name] = p.value
             trial.set_user_attr(f"fixed.{name}", p.value)
@@ -64,7 +70,7 @@ def distributions(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseD
         elif isinstance(p, FloatParam):
             out[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
         elif isinstance(p, ChoiceParam):
-            out[name] = optuna.distributions.CategoricalDistribution([_encode(c) for c in p.choices])
+            out[name] = optuna.distributions.CategoricalDistribution([encode(c) for c in p.choices])
     return out
 
 
@@ -75,7 +81,7 @@ def grid(spec: StudySpec) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for name, p in spec.space.items():
         if isinstance(p, ChoiceParam):
-            out[name] = [_encode(c) for c in p.choices]
+            out[name] = [encode(c) for c in p.choices]
         elif isinstance(p, (IntParam, FloatParam)):
             if not p.grid:
                 raise SpecError(f"space.{name}.grid: the grid sampler needs a list of values for each range")

@@ -137,7 +137,7 @@ def _store_spec(spec: StudySpec, study: optuna.Study) -> None:
         study.set_user_attr("metric", spec.metric)
         study.set_user_attr("hpo_version", hpo.__version__)
         for params in spec.enqueue:
-            study.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
+            study.enqueue_trial(search_space.encode_params(params), user_attrs={"enqueued": True}, skip_if_exists=True)
     else:
         check_agrees(spec, parse_spec(stored, f"stored study {spec.name!r}"), study)
 

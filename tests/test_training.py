@@ -137,7 +137,9 @@ def test_every_sampler_runs_a_short_study(sampler: str, tmp_path: Path, sqlite_u
         "lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True, "grid": [0.001, 0.01]},
         "batch_size": {"type": "int", "low": 16, "high": 128, "log": True, "grid": [32, 128]},
     }
-    path = write_study(tmp_path / "s.yaml", f"s-{sampler}", space=space, sampler={"name": sampler, "seed": 3}, budget={"n_trials": 4})
+    path = write_study(
+        tmp_path / "s.yaml", f"s-{sampler}", space=space, sampler={"name": sampler, "seed": 3}, budget={"n_trials": 4}
+    )
     result = run_worker(load_spec(path), sqlite_url, FAST)
     trials = _study(sqlite_url, f"s-{sampler}").trials
     assert result.complete == 4 and len(trials) == 4
@@ -149,7 +151,9 @@ def test_every_sampler_runs_a_short_study(sampler: str, tmp_path: Path, sqlite_u
 
 @pytest.mark.parametrize("pruner,kwargs", PRUNERS, ids=[p for p, _ in PRUNERS])
 def test_every_pruner_runs_a_short_study(pruner: str, kwargs: dict, tmp_path: Path, sqlite_url: str) -> None:
-    path = write_study(tmp_path / "s.yaml", f"p-{pruner}", pruner={"name": pruner, "kwargs": kwargs}, budget={"n_trials": 4})
+    path = write_study(
+        tmp_path / "s.yaml", f"p-{pruner}", pruner={"name": pruner, "kwargs": kwargs}, budget={"n_trials": 4}
+    )
     result = run_worker(load_spec(path), sqlite_url, FAST)
     assert result.ran == 4 and result.failed == 0
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in _study(sqlite_url, f"p-{pruner}").trials)
@@ -158,7 +162,9 @@ def test_every_pruner_runs_a_short_study(pruner: str, kwargs: dict, tmp_path: Pa
 def test_sampler_seed_is_honoured(tmp_path: Path) -> None:
     def params(i: int) -> list[float]:
         url = f"sqlite:///{tmp_path / f'{i}.db'}"
-        path = write_study(tmp_path / f"{i}.yaml", "seed", sampler={"name": "random", "seed": 7}, budget={"n_trials": 3})
+        path = write_study(
+            tmp_path / f"{i}.yaml", "seed", sampler={"name": "random", "seed": 7}, budget={"n_trials": 3}
+        )
         run_worker(load_spec(path), url, FAST)
         return [t.params["lr"] for t in _study(url, "seed").trials]
 
@@ -171,7 +177,9 @@ def test_conditional_parameter_exists_only_with_its_condition(tmp_path: Path, sq
         "momentum": {"type": "float", "low": 0.5, "high": 0.99, "when": {"optimizer": ["sgd_momentum"]}},
         "layers": {"choices": [[8], [8, 8]]},
     }
-    path = write_study(tmp_path / "s.yaml", "cond", space=space, sampler={"name": "random", "seed": 0}, budget={"n_trials": 8})
+    path = write_study(
+        tmp_path / "s.yaml", "cond", space=space, sampler={"name": "random", "seed": 0}, budget={"n_trials": 8}
+    )
     run_worker(load_spec(path), sqlite_url, FAST)
     trials = _study(sqlite_url, "cond").trials
     assert {t.params["optimizer"] for t in trials} == {"sgd", "sgd_momentum"}
@@ -193,13 +201,21 @@ def test_users_own_objective(tmp_path: Path, sqlite_url: str) -> None:
     assert all(len(t.intermediate_values) == 2 for t in trials)
 
 
-@pytest.mark.parametrize("source,model", [("digits", {"kind": "mlp", "layers": [32]}), ("mnist1d", {"kind": "cnn", "channels": [16, 16]})])
+@pytest.mark.parametrize(
+    "source,model", [("digits", {"kind": "mlp", "layers": [32]}), ("mnist1d", {"kind": "cnn", "channels": [16, 16]})]
+)
 def test_other_sources_train(source: str, model: dict, tmp_path: Path, sqlite_url: str) -> None:
     data = {"source": source, "seed": 0} if source == "digits" else {"source": source, "num_samples": 1000, "seed": 0}
     path = write_study(
         tmp_path / "s.yaml",
         source,
-        objective={"kind": "training", "data": data, "model": model, "loss": "cross_entropy", "defaults": {"epochs": 5, "optimizer": "adam", "batch_size": 32, "lr": 0.01}},
+        objective={
+            "kind": "training",
+            "data": data,
+            "model": model,
+            "loss": "cross_entropy",
+            "defaults": {"epochs": 5, "optimizer": "adam", "batch_size": 32, "lr": 0.01},
+        },
         space={},
         budget={"n_trials": 1},
     )
@@ -249,7 +265,9 @@ def test_idx_files_from_a_local_folder(tmp_path: Path, sqlite_url: str) -> None:
 
 def test_missing_or_corrupt_idx_is_one_line(tmp_path: Path) -> None:
     _write_idx(tmp_path / "bad", corrupt=True)
-    spec = parse_spec({"name": "x", "objective": {"kind": "training", "data": {"source": "idx", "path": str(tmp_path / "bad")}}})
+    spec = parse_spec(
+        {"name": "x", "objective": {"kind": "training", "data": {"source": "idx", "path": str(tmp_path / "bad")}}}
+    )
     with pytest.raises(DataError, match="corrupt IDX file"):
         data_sources.load(spec.objective.data)
     for folder, message in ((tmp_path / "absent", "no such folder"), (tmp_path / "bad", "corrupt IDX file")):
@@ -277,6 +295,27 @@ def test_evaluate_reproduces_and_stores_test_accuracy(tmp_path: Path) -> None:
 def test_capable_architecture_reaches_095(tmp_path: Path) -> None:
     """The shipped architecture study, on a reduced budget, finds >= 0.95 validation accuracy."""
     url = f"sqlite:///{tmp_path / 'a.db'}"
-    res = hpo_cli("run", str(STUDIES / "spirals-architecture.yaml"), "--storage", url, "--n-trials", "20", "--workers", "2", timeout=900)
+    res = hpo_cli(
+        "run",
+        str(STUDIES / "spirals-architecture.yaml"),
+        "--storage",
+        url,
+        "--n-trials",
+        "20",
+        "--workers",
+        "2",
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr
     assert _study(url, "spirals-architecture").best_value >= 0.95
+
+
+def test_enqueued_baseline_with_list_values_runs_first(tmp_path: Path, sqlite_url: str) -> None:
+    space = {"layers": {"choices": [[8], [16, 16]]}, "lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}}
+    path = write_study(
+        tmp_path / "s.yaml", "enq", space=space, enqueue=[{"layers": [16, 16], "lr": 0.01}], budget={"n_trials": 2}
+    )
+    run_worker(load_spec(path), sqlite_url, FAST)
+    first = _study(sqlite_url, "enq").trials[0]
+    assert first.state == TrialState.COMPLETE and first.params == {"layers": "[16, 16]", "lr": 0.01}
+    assert first.user_attrs["enqueued"] is True

@@ -12,8 +12,10 @@ pruner. A loss that becomes NaN or infinite prunes the trial with ``reason=diver
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,8 +152,8 @@ class EpochResult:
 def evaluate(model: nn.Module, loss: Loss, x: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """Loss and accuracy over a whole split in one pass (chunked for large splits)."""
     model.eval()
-    total_loss = torch.zeros(())
-    correct = torch.zeros(())
+    total_loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
     n = len(x)
     chunk = 8192
     with torch.inference_mode():
@@ -185,6 +187,37 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     model = build_model(obj, cfg, splits.input_shape, loss.n_out).to(device)
     opt = build_optimizer(cfg, list(model.parameters()))
+    with _threads_for(model):
+        return _train_loop(model, opt, loss, splits, cfg, gen, device, on_epoch, check_stop)
+
+
+@contextlib.contextmanager
+def _threads_for(model: nn.Module) -> Iterator[None]:
+    """One torch thread for small models: splitting their tiny kernels across threads costs more than it saves
+    (measured here: the lesson's model ran 5x slower per step with 2 threads than with 1 on a busy 2-core machine).
+    """
+    before = torch.get_num_threads()
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+    if small and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small and before > 1:
+            torch.set_num_threads(before)
+
+
+def _train_loop(
+    model: nn.Module,
+    opt: torch.optim.Optimizer | LeanOptimizer,
+    loss: Loss,
+    splits: data_sources.Splits,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    device: str,
+    on_epoch: Any,
+    check_stop: Any,
+) -> tuple[nn.Module, list[EpochResult]]:
     x = torch.from_numpy(splits.x_train).to(device)
     y = loss.target(torch.from_numpy(splits.y_train)).to(device)
     xv = torch.from_numpy(splits.x_val).to(device)
