@@ -1,6 +1,16 @@
-import time, torch, optuna
+"""A short check of the CUDA path, for a machine with a GPU (not run in CI): single-trial and population mode train
+on ``--device cuda`` and record the device per trial.
+
+    python benchmarks/cuda_check.py
+"""
+
+import time
+
+import optuna
+import torch
+
 from hpo.spec import parse_spec
-from hpo.worker import run_worker, WorkerOptions
+from hpo.worker import WorkerOptions, run_worker
 
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))
 
