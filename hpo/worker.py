@@ -19,6 +19,7 @@ a finished trial's result is retried until stored, so a database restart loses n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -318,7 +319,7 @@ def run_worker(
     result = WorkerResult()
     failures = 0
 
-    with _Signals(stop) if opts.handle_signals else _nullcontext():
+    with _Signals(stop) if opts.handle_signals else contextlib.nullcontext():
         size = _population_size(spec, opts.population)
         if size > 1:  # population mode (issue 8) runs to the budget; the loop below then finds it met
             from hpo.objectives.population import run_population
@@ -378,14 +379,6 @@ def _population_size(spec: StudySpec, requested: int | str | None) -> int:
     from hpo.objectives.population import population_size
 
     return population_size(spec, requested)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _set_threads(threads: int) -> None:
