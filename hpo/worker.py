@@ -407,17 +407,26 @@ def _next_trial(
             with quiet_optuna():
                 optuna.storages.fail_stale_trials(study)
             _last_reap[name] = time.monotonic() + opts.heartbeat_interval
-        with budget_lock(storage, name), quiet_optuna():
-            if budget is None:
-                return study.ask()
-            counted, running = budget_used(study)
-            if counted < budget:
-                return study.ask()
+        with budget_lock(storage, name):
+            counted, running = budget_used(study) if budget is not None else (0, 0)
+            trial_id = _take_slot(study) if budget is None or counted < budget else None
+        if trial_id is not None:
+            with quiet_optuna():
+                return optuna.Trial(study, trial_id)  # the sampler draws here, outside the lock
         if running == 0 or opts.heartbeat_interval is None:
             return None
         # The budget is taken, but trials still run: wait for them, reaping any whose worker died.
         stop.wait(min(1.0, opts.heartbeat_interval / 2))
     return None
+
+
+def _take_slot(study: optuna.Study) -> int:
+    """The first half of ``Study.ask``, done under the budget lock: pop a waiting trial or create a new one (RUNNING,
+    so it counts). The second half, ``optuna.Trial(study, trial_id)``, runs the sampler and needs no lock: holding it
+    there serialised every worker's sampling."""
+    study._thread_local.cached_all_trials = None  # as Study.ask: sync with the storage once a trial
+    trial_id = study._pop_waiting_trial_id()
+    return trial_id if trial_id is not None else study._storage.create_new_trial(study._study_id)
 
 
 class _Heartbeat:
