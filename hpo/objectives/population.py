@@ -534,6 +534,10 @@ class _Snapshot:
             self._read = time.monotonic()
         return [t for t in self._trials if states is None or t.state in states]
 
+    def invalidate(self) -> None:
+        """Read afresh at the next question: a member of this population finished, and pruners compare with it."""
+        self._read = -math.inf
+
     @property
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return self.get_trials()
@@ -598,6 +602,7 @@ def run_population(
         beats.discard(item.trial._trial_id)
         trainer.remove(number)
         frozen, _ = _tell(study, item.trial, state, value, opts, url)
+        snapshot.invalidate()
         result.ran += 1
         result.trials.append(frozen.number)
         if frozen.state == TrialState.COMPLETE:
