@@ -391,6 +391,30 @@ def _set_threads(threads: int) -> None:
 _last_reap: dict[str, float] = {}  # study name -> when this process may next look for stale trials
 
 
+def take_slots(
+    study: optuna.Study,
+    name: str,
+    budget: int | None,
+    storage: optuna.storages.RDBStorage,
+    opts: WorkerOptions,
+    want: int = 1,
+) -> tuple[list[int], int]:
+    """Take up to ``want`` trial slots inside the budget lock: (their trial ids, trials running now).
+
+    Stale trials are reaped first, outside the lock and at most once per heartbeat interval (a trial changes state
+    once; reaping before every ask, inside the lock, serialised three queries per trial). Build each trial with
+    ``optuna.Trial(study, trial_id)`` after this returns: the sampler then draws outside the lock.
+    """
+    if opts.heartbeat_interval is not None and time.monotonic() >= _last_reap.get(name, 0.0):
+        with quiet_optuna():
+            optuna.storages.fail_stale_trials(study)
+        _last_reap[name] = time.monotonic() + opts.heartbeat_interval
+    with budget_lock(storage, name):
+        counted, running = budget_used(study) if budget is not None else (0, 0)
+        n = want if budget is None else min(want, budget - counted)
+        return [_take_slot(study) for _ in range(max(0, n))], running
+
+
 def _next_trial(
     study: optuna.Study,
     name: str,
@@ -399,20 +423,12 @@ def _next_trial(
     opts: WorkerOptions,
     stop: threading.Event,
 ) -> optuna.Trial | None:
-    """Ask for a trial inside the budget lock, or return None when the budget is taken and nothing runs."""
+    """The next trial within the budget, or None when the budget is taken and nothing runs."""
     while not stop.is_set():
-        if opts.heartbeat_interval is not None and time.monotonic() >= _last_reap.get(name, 0.0):
-            # Reaping is safe outside the budget lock (a trial changes state once) and needs doing at most once per
-            # heartbeat interval: running it before every ask, inside the lock, serialised three queries per trial.
+        ids, running = take_slots(study, name, budget, storage, opts)
+        if ids:
             with quiet_optuna():
-                optuna.storages.fail_stale_trials(study)
-            _last_reap[name] = time.monotonic() + opts.heartbeat_interval
-        with budget_lock(storage, name):
-            counted, running = budget_used(study) if budget is not None else (0, 0)
-            trial_id = _take_slot(study) if budget is None or counted < budget else None
-        if trial_id is not None:
-            with quiet_optuna():
-                return optuna.Trial(study, trial_id)  # the sampler draws here, outside the lock
+                return optuna.Trial(study, ids[0])
         if running == 0 or opts.heartbeat_interval is None:
             return None
         # The budget is taken, but trials still run: wait for them, reaping any whose worker died.

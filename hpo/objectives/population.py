@@ -738,17 +738,14 @@ def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str, opts: Any, u
 def _ask(
     study: optuna.Study, name: str, budget: int | None, storage: optuna.storages.RDBStorage, opts: Any, want: int
 ) -> list[optuna.Trial]:
-    """Up to ``want`` new trials, asked inside the budget lock so that the global budget is never exceeded."""
-    from hpo.storage import budget_lock, quiet_optuna
-    from hpo.worker import budget_used
+    """Up to ``want`` new trials; their slots are taken inside the budget lock, so the global budget is never
+    exceeded, and the sampler draws outside it (:func:`hpo.worker.take_slots`)."""
+    from hpo.storage import quiet_optuna
+    from hpo.worker import take_slots
 
-    with budget_lock(storage, name), quiet_optuna():
-        if opts.heartbeat_interval is not None:
-            optuna.storages.fail_stale_trials(study)
-        if budget is not None:
-            counted, _ = budget_used(study)
-            want = min(want, budget - counted)
-        return [study.ask() for _ in range(max(0, want))]
+    ids, _ = take_slots(study, name, budget, storage, opts, want)
+    with quiet_optuna():
+        return [optuna.Trial(study, trial_id) for trial_id in ids]
 
 
 __all__ = [
