@@ -49,7 +49,9 @@ GraceOpt = Annotated[
 RetryOpt = Annotated[int, typer.Option(help="How often a stale or interrupted trial is re-queued.")]
 PopulationOpt = Annotated[
     str | None,
-    typer.Option(help="Trials trained at once, stacked: a number or auto (default: the file's population.size, else 1)."),
+    typer.Option(
+        help="Trials trained at once, stacked: a number or auto (default: the file's population.size, else 1)."
+    ),
 ]
 
 
@@ -343,14 +345,14 @@ def reap(
 
     from hpo.storage import open_storage
     from hpo.worker import load
+    from hpo.worker import reap as hpo_reap
 
     _, url, name = _spec_and_url(study, storage)
     st = open_storage(url, heartbeat_interval=heartbeat, grace_period=grace, max_retry=max_retry)
     s, _ = load(name, st)
-    before = {t.number for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(s)
-    after = {t.number for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-    out.print(f"reaped {len(before - after)} stale trial(s); {len(after)} still running")
+    reaped = hpo_reap(s)
+    running = len(s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    out.print(f"reaped {len(reaped)} stale trial(s); {running} still running")
 
 
 @app.command()

@@ -436,7 +436,9 @@ class StudySpec(_Strict):
                 raise ValueError(f"space.optimizer: unknown optimizer {c!r} (known: {', '.join(OPTIMIZERS)})")
         metrics = {"training": TRAINING_METRICS, "grokking": ("steps_to_generalise",)}.get(self.objective.kind)
         if metrics is not None and self.metric not in metrics:
-            raise ValueError(f"metric: the {self.objective.kind} objective reports {', '.join(metrics)} (got {self.metric!r})")
+            raise ValueError(
+                f"metric: the {self.objective.kind} objective reports {', '.join(metrics)} (got {self.metric!r})"
+            )
         if self.objective.kind == "grokking" and self.direction != "minimize":
             raise ValueError("direction: steps_to_generalise is minimised (direction: minimize)")
         for pred in self.predictions:

@@ -7,7 +7,9 @@ Choices made on purpose:
 * Every engine pings a pooled connection before use (a connection dropped by a database restart is replaced, not
   fatal) and holds a small, bounded pool: at most :data:`POOL_SIZE` connections per process, no overflow.
 * SQLite is put in WAL mode with a 60 s busy timeout, so several local processes share one file without
-  ``database is locked``.
+  ``database is locked``, and ``synchronous=NORMAL`` (the setting SQLite recommends with WAL): a commit does not
+  wait for the disk, which halves what a small write costs; a crashed process loses nothing, a power cut may lose
+  the last commits, never the file.
 * Opening retries transient errors (refused, timed out) with exponential backoff for ``retry_for`` seconds;
   authentication failures are final at once.
 * URLs are shown with the password masked, and driver messages are scrubbed of it.
@@ -22,7 +24,7 @@ import os
 import sqlite3
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
@@ -181,6 +183,10 @@ def describe_error(exc: BaseException, url: str) -> str:
     return scrub(text, url)
 
 
+def _sqlite_synchronous_normal(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
 def _is_auth_error(exc: BaseException) -> bool:
     text = str(getattr(exc, "orig", exc)).lower()
     return any(m in text for m in _AUTH_MARKERS) or "(1045" in text
@@ -224,7 +230,7 @@ def open_storage(
     while True:
         try:
             with _quiet_optuna():
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs(url),
                     heartbeat_interval=heartbeat_interval,
@@ -233,6 +239,10 @@ def open_storage(
                     skip_table_creation=read_only,
                     skip_compatibility_check=read_only,
                 )
+            if _is_sqlite(parsed) and not read_only:
+                sqlalchemy.event.listen(storage.engine, "connect", _sqlite_synchronous_normal)
+                storage.engine.dispose()  # connections opened while creating the tables: reopened with the pragma
+            return storage
         except (NoSuchModuleError, ImportError) as exc:
             raise StorageError(f"no database driver for {mask(url)}: {scrub(str(exc), url)}") from None
         except (ArgumentError, ValueError) as exc:
@@ -253,28 +263,128 @@ def open_storage(
             delay = min(delay * 2, 8.0)
 
 
-def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, attrs: dict[str, Any]) -> None:
-    """Set several user attributes of a running trial in one transaction (two statements).
+def _rdb(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+    """The RDBStorage behind a study's storage (Optuna wraps it in a cache)."""
+    return getattr(storage, "_backend", storage)
+
+
+def set_trial_user_attrs(
+    storage: optuna.storages.BaseStorage, trial_id: int, attrs: dict[str, Any], *, replace: bool = True
+) -> None:
+    """Set several user attributes of a running trial in one transaction.
 
     Optuna's ``set_trial_user_attr`` costs three statements and a commit per key; a worker sets four keys per trial.
-    The rows written are Optuna's own, so ``trial.user_attrs`` and every reader see them unchanged.
+    Here: one insert, preceded by one delete of the same keys when ``replace`` (the trial may hold them already, as
+    a re-queued copy does). The rows written are Optuna's own, so ``trial.user_attrs`` and every reader see them.
     """
     import json
 
     from optuna.storages._rdb import models
 
-    backend = getattr(storage, "_backend", storage)
+    backend = _rdb(storage)
     if not isinstance(backend, optuna.storages.RDBStorage):
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
         return
     table = models.TrialUserAttributeModel.__table__
     with backend.engine.begin() as conn:
-        conn.execute(sqlalchemy.delete(table).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs))))
+        if replace:
+            conn.execute(sqlalchemy.delete(table).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs))))
         conn.execute(
             sqlalchemy.insert(table),
             [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()],
         )
+
+
+def _upsert(
+    storage: optuna.storages.RDBStorage,
+    table: sqlalchemy.Table,
+    rows: list[dict[str, Any]],
+    key: str | tuple[str, ...],
+    update: tuple[str, ...],
+    fixed: dict[str, Any] | None = None,
+    conn: sqlalchemy.Connection | None = None,
+) -> None:
+    """Insert ``rows`` (plus the SQL expressions ``fixed``, the same for every row), or, where a row with the same
+    ``key`` (a unique constraint) exists, set its ``update`` columns to the new values: one statement for all rows,
+    in one transaction (``conn``'s, if given). Needs INSERT and UPDATE only, as Optuna's own writes."""
+    backend = storage.engine.url.get_backend_name()
+    keys = [key] if isinstance(key, str) else list(key)
+    fixed = fixed or {}
+    if backend == "mysql":
+        from sqlalchemy.dialects.mysql import insert as my_insert
+
+        my_stmt = my_insert(table).values(**fixed)
+        stmt: Any = my_stmt.on_duplicate_key_update({c: fixed.get(c, my_stmt.inserted[c]) for c in update})
+    elif backend in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.sqlite import insert as lite_insert
+
+        ins = (pg_insert if backend == "postgresql" else lite_insert)(table).values(**fixed)
+        stmt = ins.on_conflict_do_update(index_elements=keys, set_={c: fixed.get(c, ins.excluded[c]) for c in update})
+    else:
+        raise StorageError(f"hpo does not write to {backend} databases")
+    if conn is not None:
+        conn.execute(stmt, rows)
+        return
+    with storage.engine.begin() as own:
+        own.execute(stmt, rows)
+
+
+def record_heartbeat(
+    storage: optuna.storages.BaseStorage, trial_ids: int | Sequence[int], conn: sqlalchemy.Connection | None = None
+) -> None:
+    """Optuna's ``record_heartbeat`` as one upsert, for one trial or many in one transaction (Optuna's reads the row
+    first, then inserts, or re-reads it for update and writes: two to three statements a beat and trial). Same
+    table, same clock (the database's). With ``conn``, inside that connection's transaction."""
+    from optuna.storages._rdb import models
+
+    ids = [trial_ids] if isinstance(trial_ids, int) else list(trial_ids)
+    if not ids:
+        return
+    backend = _rdb(storage)
+    sqlite = backend.engine.url.get_backend_name() == "sqlite"
+    now = sqlalchemy.func.current_timestamp() if sqlite else sqlalchemy.func.now()  # as Optuna: UTC text on SQLite
+    table = models.TrialHeartbeatModel.__table__
+    _upsert(backend, table, [{"trial_id": i} for i in ids], "trial_id", ("heartbeat",), {"heartbeat": now}, conn)
+
+
+def store_intermediate_values(storage: optuna.storages.BaseStorage, values: Sequence[tuple[int, int, float]]) -> None:
+    """Store many ``(trial id, step, value)`` reports in one statement and transaction: what ``Trial.report``
+    stores, one report per transaction and four statements each. A step already stored for a trial (a re-queued
+    copy inherits its original's) is overwritten, as ``Trial.report`` does."""
+    from optuna.storages._rdb import models
+
+    if not values:
+        return
+    backend = _rdb(storage)
+    model = models.TrialIntermediateValueModel
+    rows = []
+    for trial_id, step, value in values:
+        stored, kind = model.intermediate_value_to_stored_repr(value)
+        rows.append({"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind})
+    _upsert(backend, model.__table__, rows, ("trial_id", "step"), ("intermediate_value", "intermediate_value_type"))
+
+
+def unbeaten_trial_ids(storage: optuna.storages.BaseStorage, study_id: int, grace_s: float) -> list[int]:
+    """Running trials that never recorded a heartbeat and started over ``grace_s`` ago: their worker died between
+    taking the slot and its first beat. Optuna's stale-trial query joins on heartbeats and never sees them."""
+    import datetime
+
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    t = models.TrialModel.__table__
+    h = models.TrialHeartbeatModel.__table__
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_s)  # datetime_start: the worker's clock
+    stmt = sqlalchemy.select(t.c.trial_id).where(
+        t.c.study_id == study_id,
+        t.c.state == TrialState.RUNNING,
+        t.c.datetime_start < cutoff,
+        ~sqlalchemy.exists().where(h.c.trial_id == t.c.trial_id),
+    )
+    with _rdb(storage).engine.connect() as conn:
+        return [int(r[0]) for r in conn.execute(stmt)]
 
 
 def retry_callback(max_retry: int | None) -> Any:
@@ -299,11 +409,15 @@ quiet_optuna = _quiet_optuna
 
 
 @contextlib.contextmanager
-def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[sqlalchemy.Connection | None]:
     """A lock held by one worker at a time per study, across processes and machines.
 
-    PostgreSQL: an advisory lock; MySQL/MariaDB: ``GET_LOCK``; SQLite (one machine by nature): a lock file beside
-    the database. Counting the budget and asking for a trial inside it makes the global trial budget exact.
+    PostgreSQL: a transaction-level advisory lock, released by the commit that ends the block (no unlock
+    statement); MySQL/MariaDB: ``GET_LOCK``; SQLite (one machine by nature): a lock file beside the database.
+    Counting the budget and taking a trial slot inside it makes the global trial budget exact.
+
+    Yields the connection that holds the lock (``None`` on SQLite): read the budget through it, in a transaction
+    begun after the lock was taken, so it sees every slot taken by the previous holder.
     """
     url = storage.engine.url
     backend = url.get_backend_name()
@@ -312,35 +426,72 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterato
         path = _sqlite_path(url)
         lock_path = f"{path}.hpo-lock" if path else None
         if lock_path is None:
-            yield
+            yield None
             return
         with open(lock_path, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                yield
+                yield None
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
         return
     with storage.engine.connect() as conn:
         if backend == "postgresql":
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            yield conn  # READ COMMITTED: each statement after the lock sees what the previous holder committed
+            conn.commit()  # releases the lock; an exception rolls back, which releases it too
         elif backend == "mysql":
             name = f"hpo-budget-{key}"
             got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:n, 60)"), {"n": name}).scalar()
             if got != 1:
                 raise StorageError(f"could not take the budget lock of study {study_name!r} within 60 s")
+            conn.commit()  # REPEATABLE READ: the next statement starts a snapshot taken after the lock
             try:
-                yield
+                yield conn
+                conn.commit()
             finally:
+                conn.rollback()  # after an exception; a no-op after the commit
                 conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
         else:
-            yield
+            yield conn
+
+
+def budget_counts(
+    storage: optuna.storages.RDBStorage, study_id: int, conn: sqlalchemy.Connection | None = None
+) -> tuple[int, int, int]:
+    """(counted, running, waiting) trials of a study, in one statement.
+
+    Counted = complete + pruned + running + failed, less one per re-queued copy: Optuna's retry callback gives each
+    copy of a failed trial the system attribute ``failed_trial``, and a failed trial with a copy does not count (its
+    copy does, once it runs). A waiting copy thus cancels its failed original: the slot is free until it runs.
+    """
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    storage = _rdb(storage)
+    t = models.TrialModel.__table__
+    a = models.TrialSystemAttributeModel.__table__
+
+    def n(*states: TrialState) -> Any:
+        return sqlalchemy.func.coalesce(sqlalchemy.func.sum(sqlalchemy.case((t.c.state.in_(states), 1), else_=0)), 0)
+
+    c = t.alias("copies")  # not correlated with the outer query's trials
+    copies = (
+        sqlalchemy.select(sqlalchemy.func.count())
+        .select_from(a.join(c, a.c.trial_id == c.c.trial_id))
+        .where(c.c.study_id == study_id, a.c.key == "failed_trial")
+        .scalar_subquery()
+    )
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
+    stmt = sqlalchemy.select(n(*done) - copies, n(TrialState.RUNNING), n(TrialState.WAITING)).where(
+        t.c.study_id == study_id
+    )
+    if conn is not None:
+        row = conn.execute(stmt).one()
+    else:
+        with storage.engine.connect() as own:
+            row = own.execute(stmt).one()
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 _READ_ONLY_SQL = {

@@ -20,6 +20,8 @@ a finished trial's result is retried until stored, so a database restart loses n
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import logging
 import math
 import os
@@ -43,13 +45,16 @@ from hpo.pruners import make_pruner
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec, parse_spec
 from hpo.storage import (
+    budget_counts,
     budget_lock,
     describe_error,
     mask,
     open_storage,
     quiet_optuna,
+    record_heartbeat,
     retry_callback,
     set_trial_user_attrs,
+    unbeaten_trial_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -186,8 +191,12 @@ def load(study_name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.
 
 
 def budget_used(study: optuna.Study) -> tuple[int, int]:
-    """(counted trials, running trials): counted = complete + pruned + running + failed-and-not-re-queued."""
-    return count_budget(study.get_trials(deepcopy=False))
+    """(counted trials, running trials): counted = complete + pruned + running + failed-and-not-re-queued.
+
+    One SQL aggregate (:func:`hpo.storage.budget_counts`); :func:`count_budget` is the same rule over trials read.
+    """
+    counted, running, _ = budget_counts(study._storage, study._study_id)
+    return counted, running
 
 
 def requeued_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
@@ -196,7 +205,7 @@ def requeued_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
 
 
 def count_budget(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
-    """(counted, running) of a list of trials; see :func:`budget_used`."""
+    """(counted, running) of a list of trials, by the rule :func:`budget_used` counts in SQL."""
     requeued = requeued_numbers(trials)
     counted = running = 0
     for t in trials:
@@ -406,13 +415,41 @@ def take_slots(
     ``optuna.Trial(study, trial_id)`` after this returns: the sampler then draws outside the lock.
     """
     if opts.heartbeat_interval is not None and time.monotonic() >= _last_reap.get(name, 0.0):
-        with quiet_optuna():
-            optuna.storages.fail_stale_trials(study)
+        reap(study)
         _last_reap[name] = time.monotonic() + opts.heartbeat_interval
-    with budget_lock(storage, name):
-        counted, running = budget_used(study) if budget is not None else (0, 0)
+    with budget_lock(storage, name) as conn:
+        counted, running, waiting = budget_counts(storage, study._study_id, conn)
         n = want if budget is None else min(want, budget - counted)
-        return [_take_slot(study) for _ in range(max(0, n))], running
+        ids = [_take_slot(study, waiting > i) for i in range(max(0, n))]
+        if ids and opts.heartbeat_interval is not None:  # the slot's first beat: from here on a dead worker is reaped
+            record_heartbeat(storage, ids, conn)
+        return ids, running
+
+
+def reap(study: optuna.Study) -> list[int]:
+    """Fail the study's stale running trials and re-queue them through the storage's retry callback, as Optuna's
+    ``fail_stale_trials`` does for trials whose heartbeat is older than the grace period; here also for running
+    trials that never beat (:func:`hpo.storage.unbeaten_trial_ids`). Returns the ids of the trials this call failed
+    (another worker may reap the same trials at the same time; each is failed, and re-queued, once)."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    interval = backend.get_heartbeat_interval() if hasattr(backend, "get_heartbeat_interval") else None
+    if interval is None:
+        return []
+    grace = backend.grace_period if backend.grace_period is not None else 2 * interval
+    stale = set(backend._get_stale_trial_ids(study._study_id))
+    stale |= set(unbeaten_trial_ids(backend, study._study_id, grace))
+    failed = []
+    for trial_id in sorted(stale):
+        try:
+            if study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    callback = backend.get_heartbeat_stale_trial_callback()
+    with quiet_optuna():
+        for trial_id in failed if callback is not None else ():
+            callback(study, copy.deepcopy(study._storage.get_trial(trial_id)))
+    return failed
 
 
 def _next_trial(
@@ -436,12 +473,12 @@ def _next_trial(
     return None
 
 
-def _take_slot(study: optuna.Study) -> int:
-    """The first half of ``Study.ask``, done under the budget lock: pop a waiting trial or create a new one (RUNNING,
-    so it counts). The second half, ``optuna.Trial(study, trial_id)``, runs the sampler and needs no lock: holding it
-    there serialised every worker's sampling."""
+def _take_slot(study: optuna.Study, waiting: bool) -> int:
+    """The first half of ``Study.ask``, done under the budget lock: pop a waiting trial (when the count said some
+    wait) or create a new one (RUNNING, so it counts). The second half, ``optuna.Trial(study, trial_id)``, runs the
+    sampler and needs no lock: holding it there serialised every worker's sampling."""
     study._thread_local.cached_all_trials = None  # as Study.ask: sync with the storage once a trial
-    trial_id = study._pop_waiting_trial_id()
+    trial_id = study._pop_waiting_trial_id() if waiting else None
     return trial_id if trial_id is not None else study._storage.create_new_trial(study._study_id)
 
 
@@ -465,15 +502,13 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         assert self.interval is not None
-        while True:
+        while not self.done.wait(self.interval):  # the first beat was recorded with the slot (take_slots)
             try:
-                self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+                record_heartbeat(self.storage, self.trial_id)
             except Exception as exc:
                 if not _db_errors(exc):
                     raise
                 log.warning("heartbeat of trial id %d not recorded: %s", self.trial_id, describe_error(exc, self.url))
-            if self.done.wait(self.interval):
-                return
 
     def __exit__(self, *exc: Any) -> None:
         self.done.set()
@@ -516,7 +551,9 @@ def _run_one(
             }
             if inherited.get("reason") is not None:  # the copy's outcome is its own
                 attrs["reason"] = None
-            set_trial_user_attrs(study._storage, trial._trial_id, attrs)
+            set_trial_user_attrs(study._storage, trial._trial_id, attrs, replace=bool(inherited.keys() & attrs.keys()))
+            if cached is not None:
+                cached.user_attrs.update(attrs)
             ctx = Context(spec=spec, params=params, seed=seed, threads=threads, device=device, stop=stop)
             value = float(objective(trial, ctx))
             if math.isnan(value):
@@ -576,6 +613,8 @@ def _tell(
                 return current, False
         with quiet_optuna():
             try:
+                if state == TrialState.COMPLETE and attempts[0] == 1:
+                    return _tell_complete(study, trial, value)
                 if state == TrialState.COMPLETE:
                     return study.tell(trial, value, skip_if_finished=True), True
                 return study.tell(trial, state=state, skip_if_finished=True), True
@@ -585,6 +624,25 @@ def _tell(
                 return study._storage.get_trial(trial._trial_id), True
 
     return _with_db_retry("store a trial's result", tell, max(opts.db_retry_for, 300.0), url)
+
+
+def _tell_complete(
+    study: optuna.Study, trial: optuna.Trial, value: float | None
+) -> tuple[optuna.trial.FrozenTrial, bool]:
+    """``study.tell(trial, value)`` without its closing re-read of the trial (six statements): the stored trial is
+    the one the worker holds, finished, as in ``Study.optimize``. (stored trial, whether this call finished it)."""
+    from optuna.study._tell import _tell_with_warning
+
+    stored, _, _ = _tell_with_warning(
+        study, trial, value, TrialState.COMPLETE, skip_if_finished=True, suppress_warning=True
+    )
+    cached = getattr(trial, "_cached_frozen_trial", None)
+    if cached is None or stored != TrialState.COMPLETE:  # already finished elsewhere (reaped): what is stored
+        return study._storage.get_trial(trial._trial_id), stored == TrialState.COMPLETE
+    frozen = copy.copy(cached)
+    frozen.state, frozen.values = TrialState.COMPLETE, [value]
+    frozen.datetime_complete = datetime.datetime.now()
+    return frozen, True
 
 
 def replay(spec: StudySpec, frozen: optuna.trial.FrozenTrial) -> float:

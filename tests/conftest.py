@@ -35,7 +35,8 @@ def _fresh_database(admin_url: str) -> Iterator[str]:
     """CREATE a uniquely named database on the server, yield its URL, DROP it afterwards."""
     url = make_url(admin_url)
     name = f"hpo_test_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # survives a server restart
+    # pre-ping: the engine survives a server restart
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     try:
@@ -77,7 +78,9 @@ def study_name() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
-def hpo_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def hpo_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``hpo`` command line in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(

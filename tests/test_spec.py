@@ -49,7 +49,10 @@ TRAIN = BASE["objective"]
 BAD_FILES = {
     "unknown key": ({"spaec": {}}, "bad.yaml: spaec: unknown key"),
     "wrong type": ({"budget": {"n_trials": "many"}}, "bad.yaml: budget.n_trials:"),
-    "low above high": ({"space": {"lr": {"type": "float", "low": 2, "high": 1}}}, "space.lr: low (2.0) must be <= high"),
+    "low above high": (
+        {"space": {"lr": {"type": "float", "low": 2, "high": 1}}},
+        "space.lr: low (2.0) must be <= high",
+    ),
     "log with low 0": (
         {"space": {"lr": {"type": "float", "low": 0, "high": 1, "log": True}}},
         "bad.yaml: space.lr.low: must be > 0 for a log scale",
@@ -60,7 +63,10 @@ BAD_FILES = {
         {"space": {"optimizer": {"choices": ["sgd", "lion"]}}},
         "space.optimizer: unknown optimizer 'lion'",
     ),
-    "unknown data source": ({"objective": {**TRAIN, "data": {"source": "cifar"}}}, "objective.data: unknown source 'cifar'"),
+    "unknown data source": (
+        {"objective": {**TRAIN, "data": {"source": "cifar"}}},
+        "objective.data: unknown source 'cifar'",
+    ),
     "unknown model": ({"objective": {**TRAIN, "model": {"kind": "resnet"}}}, "objective.model.kind:"),
     "unknown loss": ({"objective": {**TRAIN, "loss": "hinge"}}, "objective.loss:"),
     "unknown objective kind": ({"objective": {"kind": "bogus"}}, "objective: kind must be"),

@@ -66,7 +66,9 @@ def test_bad_storage_is_one_line_exit_2(url: str, message: str, tmp_path: Path) 
 
 
 def test_unreachable_server_is_retried_then_refused() -> None:
-    with pytest.raises(StorageError, match="cannot connect to postgresql\\+psycopg://postgres:\\*\\*\\*@127.0.0.1:1/test"):
+    with pytest.raises(
+        StorageError, match="cannot connect to postgresql\\+psycopg://postgres:\\*\\*\\*@127.0.0.1:1/test"
+    ):
         open_storage(f"postgresql+psycopg://postgres:{CANARY}@127.0.0.1:1/test", retry_for=1.0)
 
 

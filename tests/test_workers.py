@@ -20,7 +20,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from hpo.storage import POOL_SIZE, open_storage
-from hpo.worker import budget_used
+from hpo.worker import WorkerOptions, budget_used, count_budget, reap, take_slots
 
 from .conftest import hpo_cli, write_study
 
@@ -121,6 +121,52 @@ def test_workers_by_study_name_after_create(postgres_url: str, study_name: str, 
     results = finish([start_worker(study_name, postgres_url) for _ in range(2)])
     assert [rc for rc, _ in results] == [0, 0], [e for _, e in results]
     assert_budget_exact(postgres_url, study_name, 12)
+
+
+def test_budget_counted_in_sql_as_over_trials(storage_url: str, study_name: str) -> None:
+    """The one-statement count (hpo.storage.budget_counts) follows the rule count_budget applies to trials read:
+    failed trials with a re-queued copy do not count, waiting trials do not count, a failed copy re-queued again
+    cancels too."""
+    from hpo.storage import retry_callback
+
+    storage = open_storage(storage_url, heartbeat_interval=60, max_retry=3)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage)
+        requeue = retry_callback(3)
+        for value in (1.0, 2.0):
+            t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+            study.tell(t, value)
+        study.tell(study.ask(), state=TrialState.PRUNED)
+        study.tell(study.ask(), state=TrialState.FAIL)  # failed, not re-queued: counts
+        failed = study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), state=TrialState.FAIL)
+        requeue(study, failed)  # failed + waiting copy: nothing counts
+        copy = study.ask()  # pops the copy: it counts
+        requeue(study, study.tell(copy, state=TrialState.FAIL))  # failed again, second copy waits
+        study.ask()  # pops the second copy, running: counts
+        study.enqueue_trial({"x": 0.5})  # waiting: does not count
+        ts = study.get_trials(deepcopy=False)
+        assert count_budget(ts) == budget_used(study) == (5, 1), [(t.number, t.state.name) for t in ts]
+    finally:
+        storage.engine.dispose()
+
+
+def test_a_trial_that_never_beat_is_reaped(storage_url: str, study_name: str) -> None:
+    """A worker killed between taking a slot and its first heartbeat leaves a running trial with no heartbeat row,
+    which Optuna's stale-trial query never sees; hpo's reaper fails and re-queues it after the grace period."""
+    storage = open_storage(storage_url, heartbeat_interval=1, grace_period=1, max_retry=2)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage)
+        orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # Optuna's ask: no heartbeat
+        [slot], _ = take_slots(study, study_name, 10, storage, WorkerOptions(heartbeat_interval=1))  # beats once
+        assert reap(study) == []  # within the grace period
+        time.sleep(2.5)
+        assert sorted(reap(study)) == sorted([orphan._trial_id, slot])
+        ts = study.get_trials(deepcopy=False)
+        assert [t.state for t in ts[:2]] == [TrialState.FAIL, TrialState.FAIL]
+        assert {t.system_attrs.get("failed_trial") for t in ts[2:]} == {0, 1}  # both re-queued
+        assert reap(study) == [] and budget_used(study) == (0, 0)
+    finally:
+        storage.engine.dispose()
 
 
 # --------------------------------------------------------------------------- crashes and signals

@@ -54,9 +54,11 @@ class LeanOptimizer:
             p.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, grads: list[torch.Tensor] | None = None) -> None:
+        """One update from each parameter's ``.grad``, or from ``grads`` (one per parameter, in order)."""
         params = self.params
-        grads = [p.grad for p in params]
+        if grads is None:
+            grads = [p.grad for p in params]
         kind, lr, wd = self.kind, self.lr, self.weight_decay
         if wd and kind != "adamw":
             grads = torch._foreach_add(grads, params, alpha=wd)

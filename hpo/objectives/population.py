@@ -30,13 +30,14 @@ that reproduces a stored metric bit for bit (``hpo evaluate``), which is why pop
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Container, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ from hpo.objectives import trial_seed
 from hpo.objectives.training import METRICS, EpochResult, Loss, TrainConfig, resolve_config
 from hpo.objectives.vectorised import FuncStack, StackedMLP, StackedModel, VecOptimizer, row_correct, row_losses
 from hpo.spec import ChoiceParam, FixedParam, StudySpec, TrainingObjective
+from hpo.storage import record_heartbeat
 
 if TYPE_CHECKING:
     from hpo.worker import WorkerOptions, WorkerResult
@@ -473,10 +475,9 @@ class _Heartbeats:
         self.thread: threading.Thread | None = None
 
     def add(self, trial_id: int) -> None:
+        """Beat for ``trial_id`` from the next interval on (its first beat was recorded with its slot)."""
         with self.lock:
             self.ids.add(trial_id)
-        if self.interval is not None:
-            self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
 
     def discard(self, trial_id: int) -> None:
         with self.lock:
@@ -496,13 +497,12 @@ class _Heartbeats:
         while not self.done.wait(self.interval):
             with self.lock:
                 ids = sorted(self.ids)
-            for trial_id in ids:
-                try:
-                    self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
-                except Exception as exc:
-                    if not _db_errors(exc):
-                        raise
-                    log.warning("heartbeat of trial id %d not recorded: %s", trial_id, describe_error(exc, self.url))
+            try:
+                record_heartbeat(self.storage, ids)
+            except Exception as exc:
+                if not _db_errors(exc):
+                    raise
+                log.warning("heartbeats of %d trials not recorded: %s", len(ids), describe_error(exc, self.url))
 
     def __exit__(self, *exc: Any) -> None:
         self.done.set()
@@ -510,50 +510,96 @@ class _Heartbeats:
             self.thread.join()
 
 
-class _Snapshot:
-    """The study, but ``get_trials`` answers from a copy at most ``ttl`` seconds old.
+class _StudyView:
+    """The study as this population sees it: the trials read from the database at most once per ``ttl`` seconds,
+    overlaid with this worker's own trials as they are now (parameters as sampled, values as reported, outcome as
+    told), which are thus never stale.
 
-    Optuna's pruners read every trial of the study at each ``should_prune``; with K members reporting, that read (not
-    the training) dominated a population worker's time. The member's own trial is always read fresh; the others'
-    may be up to ``ttl`` seconds old, as other workers' trials always are.
+    Optuna's sampler and pruner read every trial of the study for each trial asked (twice, with TPE), each parameter
+    suggested and each ``should_prune``, and every such read re-reads all running trials with all their intermediate
+    values. With K members those reads, not the training, dominated a population worker's time. Members' trials
+    are built with this view as their study (``optuna.Trial(view, trial_id)``), so TPE reads through it too; other
+    workers' trials may be up to ``ttl`` seconds old, as they always are; everything else is the study's.
     """
 
     def __init__(self, study: optuna.Study, ttl: float = 1.0) -> None:
         self._study, self._ttl = study, ttl
-        self._trials: list[optuna.trial.FrozenTrial] = []
-        self._read = -math.inf
+        self._read_at = -math.inf
+        self._stored: list[optuna.trial.FrozenTrial] = []
+        self._stored_ids: set[int] = set()
+        self._own: dict[int, optuna.trial.FrozenTrial] = {}  # trial id -> the trial as this worker holds it
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
-    def get_trials(
-        self, deepcopy: bool = True, states: Sequence[TrialState] | None = None
-    ) -> list[optuna.trial.FrozenTrial]:
-        if time.monotonic() - self._read > self._ttl:
-            self._trials = self._study.get_trials(deepcopy=False)
-            self._read = time.monotonic()
-        return [t for t in self._trials if states is None or t.state in states]
+    def track(self, trial: optuna.Trial) -> None:
+        """A member's trial: from now on read as its ``Trial`` holds it (Optuna updates that copy on every
+        suggestion and report)."""
+        self._own[trial._trial_id] = trial._cached_frozen_trial
 
-    def invalidate(self) -> None:
-        """Read afresh at the next question: a member of this population finished, and pruners compare with it."""
-        self._read = -math.inf
+    def finished(self, frozen: optuna.trial.FrozenTrial) -> None:
+        """A member's trial as stored when it finished: pruners compare with it at once, and TPE counts it."""
+        self._own[frozen._trial_id] = frozen
+
+    def _get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
+    ) -> list[optuna.trial.FrozenTrial]:
+        if time.monotonic() - self._read_at > self._ttl:
+            self._stored = self._study._get_trials(deepcopy=False)
+            self._stored_ids = {t._trial_id for t in self._stored}
+            self._read_at = time.monotonic()
+        own = self._own
+        merged = [own.get(t._trial_id, t) for t in self._stored]
+        created = [t for i, t in own.items() if i not in self._stored_ids]  # since the read
+        merged += sorted(created, key=lambda t: t.number)
+        trials = [t for t in merged if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[optuna.trial.FrozenTrial]:
+        return self._get_trials(deepcopy, states)
 
     @property
     def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return self.get_trials()
+        return self._get_trials()
 
-    def should_prune(self, trial: optuna.Trial, values: dict[int, float]) -> bool:
-        """What ``trial.should_prune()`` answers after reporting ``values`` (step -> value), the other trials read
-        from the copy."""
-        mine = next((t for t in self._trials if t._trial_id == trial._trial_id), None)
+    def should_prune(self, trial: optuna.Trial) -> bool:
+        """``trial.should_prune()``, the other trials read through the view."""
         # Successive halving and Hyperband keep their rungs in the trial's system attributes: read those fresh.
         rungs = isinstance(self._study.pruner, optuna.pruners.SuccessiveHalvingPruner | optuna.pruners.HyperbandPruner)
-        if mine is None or rungs:
-            frozen = self._study._storage.get_trial(trial._trial_id)
-        else:
-            frozen = copy.copy(mine)
-            frozen.intermediate_values = dict(values)
+        frozen = trial._cached_frozen_trial
+        if rungs:
+            frozen = copy.copy(self._study._storage.get_trial(trial._trial_id))
+            frozen.intermediate_values = trial._cached_frozen_trial.intermediate_values  # reports may be unstored
         return self._study.pruner.prune(self, frozen)  # type: ignore[arg-type]
+
+
+class _Reports:
+    """Members' reports (``Trial.report``), stored in batches: at most ``every`` seconds apart, and before a
+    member's trial is finished or re-queued (so it is told, and copied, with all its values). ``Trial.report`` costs
+    a transaction of four statements per report; K members report K times an epoch. Pruning never waits for the
+    database: it reads the values from the member's ``Trial`` (:meth:`_StudyView.should_prune`)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, every: float = 1.0) -> None:
+        self.storage, self.every = storage, every
+        self.pending: list[tuple[int, int, float]] = []
+        self.stored_at = time.monotonic()
+
+    def add(self, trial: optuna.Trial, value: float, step: int) -> None:
+        value = float(value)
+        trial._cached_frozen_trial.intermediate_values[step] = value  # as Trial.report keeps its copy
+        self.pending.append((trial._trial_id, step, value))
+        if time.monotonic() - self.stored_at >= self.every:
+            self.store()
+
+    def store(self) -> None:
+        from hpo.storage import store_intermediate_values
+
+        if self.pending:
+            store_intermediate_values(self.storage, self.pending)
+            self.pending = []
+        self.stored_at = time.monotonic()
 
 
 @dataclass
@@ -561,7 +607,6 @@ class _Live:
     trial: optuna.Trial
     started: float
     curve: list[float] = field(default_factory=list)
-    values: dict[int, float] = field(default_factory=dict)  # the reported intermediate values
 
 
 def run_population(
@@ -593,16 +638,18 @@ def run_population(
     metric = spec.metric
     trainer = PopulationTrainer(obj, device)
     live: dict[int, _Live] = {}
-    snapshot = _Snapshot(study)
+    view = _StudyView(study)
+    reports = _Reports(study._storage)
     worker_name = f"{os.uname().nodename}:{os.getpid()}"
     asking = True
 
     def finish(number: int, state: TrialState, value: float | None = None) -> None:
+        _with_db_retry("store reports", reports.store, max(opts.db_retry_for, 300.0), url)
         item = live.pop(number)
         beats.discard(item.trial._trial_id)
         trainer.remove(number)
         frozen, _ = _tell(study, item.trial, state, value, opts, url)
-        snapshot.invalidate()
+        view.finished(frozen)
         result.ran += 1
         result.trials.append(frozen.number)
         if frozen.state == TrialState.COMPLETE:
@@ -619,6 +666,7 @@ def run_population(
 
     def start(trial: optuna.Trial) -> None:
         live[trial.number] = _Live(trial, time.perf_counter())
+        view.track(trial)
         beats.add(trial._trial_id)
         # A re-queued copy carries its original's attributes; the trial as asked for holds them (no extra read).
         cached = getattr(trial, "_cached_frozen_trial", None)
@@ -648,7 +696,7 @@ def run_population(
             result.reason = "grid exhausted"
             return False
         trials = _with_db_retry(
-            "ask for trials", lambda: _ask(study, spec.name, budget, storage, opts, want), opts.db_retry_for, url
+            "ask for trials", lambda: _ask(view, spec.name, budget, storage, opts, want), opts.db_retry_for, url
         )
         for t in trials:
             start(t)
@@ -674,9 +722,8 @@ def run_population(
                 return
         item.curve.append(round(r.train_loss, 6))
         value = r.metric(metric)
-        trial.report(value, r.epoch)
-        item.values[r.epoch] = value
-        if snapshot.should_prune(trial, item.values):
+        reports.add(trial, value, r.epoch)
+        if view.should_prune(trial):
             attrs(trial, {"epochs_reached": r.epoch, "train_loss": item.curve, "reason": "pruned"})
             finish(number, TrialState.PRUNED)
             return
@@ -703,11 +750,14 @@ def run_population(
                 for ev in trainer.step():
                     on_event(ev)
         except BaseException:
+            with contextlib.suppress(Exception):  # the database may be what failed
+                reports.store()
             for number in list(live):  # a bug or a database lost for good: these trials run again elsewhere
                 _requeue(study, live[number].trial, "error", opts, url, retry_callback)
                 _drop(live, beats, trainer, number, result)
             raise
         if stop.is_set():
+            _with_db_retry("store reports", reports.store, max(opts.db_retry_for, 300.0), url)
             for number in list(live):
                 _requeue(study, live[number].trial, "interrupted", opts, url, retry_callback)
                 _drop(live, beats, trainer, number, result)
@@ -736,16 +786,16 @@ def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str, opts: Any, u
 
 
 def _ask(
-    study: optuna.Study, name: str, budget: int | None, storage: optuna.storages.RDBStorage, opts: Any, want: int
+    view: _StudyView, name: str, budget: int | None, storage: optuna.storages.RDBStorage, opts: Any, want: int
 ) -> list[optuna.Trial]:
     """Up to ``want`` new trials; their slots are taken inside the budget lock, so the global budget is never
-    exceeded, and the sampler draws outside it (:func:`hpo.worker.take_slots`)."""
+    exceeded, and the sampler draws outside it (:func:`hpo.worker.take_slots`), reading the study through ``view``."""
     from hpo.storage import quiet_optuna
     from hpo.worker import take_slots
 
-    ids, _ = take_slots(study, name, budget, storage, opts, want)
+    ids, _ = take_slots(view._study, name, budget, storage, opts, want)
     with quiet_optuna():
-        return [optuna.Trial(study, trial_id) for trial_id in ids]
+        return [optuna.Trial(view, trial_id) for trial_id in ids]  # type: ignore[arg-type]
 
 
 __all__ = [

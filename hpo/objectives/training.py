@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hpo import data as data_sources
-from hpo.models import cnn, mlp
+from hpo.models import ACTIVATION_FNS, MLP, cnn, mlp
 from hpo.objectives import Context
 from hpo.objectives.optim import LeanOptimizer
 from hpo.spec import TRAINING_METRICS, TrainingObjective
@@ -224,6 +224,7 @@ def _train_loop(
     yv = loss.target(torch.from_numpy(splits.y_val)).to(device)
     n, bs = len(x), cfg.batch_size
     history: list[EpochResult] = []
+    manual = MLPGradients(model, loss.kind) if isinstance(model, MLP) and isinstance(opt, LeanOptimizer) else None
     for epoch in range(1, cfg.epochs + 1):
         perm = torch.randperm(n, generator=gen).to(device)
         xs, ys = x[perm], y[perm]
@@ -231,6 +232,11 @@ def _train_loop(
         for i in range(0, n, bs):
             if check_stop is not None:
                 check_stop()
+            if manual is not None:
+                batch_loss, grads = manual(xs[i : i + bs], ys[i : i + bs])
+                opt.step(grads)  # type: ignore[call-arg]
+                losses.append(batch_loss)
+                continue
             batch_loss = loss(model(xs[i : i + bs]), ys[i : i + bs])
             opt.zero_grad(set_to_none=True)
             batch_loss.backward()
@@ -249,6 +255,69 @@ def _train_loop(
     return model, history
 
 
+class MLPGradients:
+    """An MLP's batch loss and its gradients with the backward pass written out, for small models.
+
+    For the lesson's ``[2, 10, 1]`` model at batch 16 the autograd engine (graph recording, ``backward``'s Python
+    wrapper, the engine's scheduling) was ~45 % of a training step; the arithmetic is a few microseconds. Here the
+    backward pass is the same arithmetic as autograd's, as explicit ops (two matrix products and a sum per layer,
+    the activation's and the loss's own ``*_backward`` kernels): the same gradients up to float rounding
+    (``tests/test_training.py`` compares them with autograd's, and whole trajectories). Population mode's stacked
+    MLP (:class:`hpo.objectives.vectorised.StackedMLP`) does the same over K members.
+    """
+
+    def __init__(self, model: MLP, loss: str) -> None:
+        self.layers = [(layer.weight, layer.bias) for layer in model.linears]
+        self.act, self.activation, self.loss = ACTIVATION_FNS[model.activation], model.activation, loss
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the batch's mean loss, gradients in ``model.parameters()`` order)."""
+        if x.dim() > 2:
+            x = x.flatten(1)
+        hs, zs = [x], []
+        last = len(self.layers) - 1
+        for j, (w, b) in enumerate(self.layers):
+            z = torch.addmm(b, hs[-1], w.t())
+            if j != last:
+                zs.append(z)
+                hs.append(self.act(z))
+        batch = x.shape[0]
+        if self.loss == "mse":  # mean((sigmoid(z) - y)^2)
+            s = torch.sigmoid(z)
+            diff = s - y
+            value = diff.square().mean()
+            dz = torch.ops.aten.sigmoid_backward(diff * (2.0 / batch), s)
+        elif self.loss == "bce":
+            value = nn.functional.binary_cross_entropy_with_logits(z, y)
+            dz = (torch.sigmoid(z) - y).div_(batch)
+        else:  # cross entropy: softmax minus the one-hot target
+            logp = torch.log_softmax(z, 1)
+            value = nn.functional.nll_loss(logp, y)
+            dz = logp.exp_()
+            dz[torch.arange(batch, device=dz.device), y] -= 1.0
+            dz.div_(batch)
+        grads: list[torch.Tensor] = [z] * (2 * len(self.layers))
+        for j in range(last, -1, -1):
+            grads[2 * j] = dz.t().mm(hs[j])
+            grads[2 * j + 1] = dz.sum(0)
+            if j:
+                dh = dz.mm(self.layers[j][0])
+                dz = activation_backward(self.activation, dh, zs[j - 1], hs[j])
+        return value, grads
+
+
+def activation_backward(kind: str, dh: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The gradient by ``z`` given ``dh``, the gradient by ``h = activation(z)``."""
+    if kind == "relu":
+        return torch.ops.aten.threshold_backward(dh, h, 0)
+    if kind == "tanh":
+        return torch.ops.aten.tanh_backward(dh, h)
+    if kind == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(dh, h)
+    return torch.ops.aten.gelu_backward(dh, z)
+
+
 def test_accuracy(obj: TrainingObjective, model: nn.Module, device: str = "cpu") -> float:
     """Accuracy on the held-out test split (never used for selection)."""
     splits = data_sources.load(obj.data)
@@ -258,6 +327,18 @@ def test_accuracy(obj: TrainingObjective, model: nn.Module, device: str = "cpu")
     xt = torch.from_numpy(splits.x_test).to(device)
     yt = loss.target(torch.from_numpy(splits.y_test)).to(device)
     return evaluate(model, loss, xt, yt)[1]
+
+
+def _set_attrs(trial: optuna.trial.BaseTrial, attrs: dict[str, Any]) -> None:
+    """A trial's user attributes, in one transaction where the trial is stored (one per key through Optuna)."""
+    if isinstance(trial, optuna.Trial):
+        from hpo.storage import set_trial_user_attrs
+
+        set_trial_user_attrs(trial.storage, trial._trial_id, attrs)
+        trial._cached_frozen_trial.user_attrs.update(attrs)
+    else:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
 
 
 def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
@@ -275,9 +356,7 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         value = r.metric(metric)
         trial.report(value, r.epoch)
         if trial.should_prune():
-            trial.set_user_attr("epochs_reached", r.epoch)
-            trial.set_user_attr("train_loss", curve)
-            trial.set_user_attr("reason", "pruned")
+            _set_attrs(trial, {"epochs_reached": r.epoch, "train_loss": curve, "reason": "pruned"})
             raise optuna.TrialPruned(f"pruned at epoch {r.epoch} with {metric}={value:.4g}")
 
     try:
@@ -285,19 +364,20 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
             obj, ctx.params, ctx.seed, device=ctx.device, on_epoch=on_epoch, check_stop=ctx.check_stop
         )
     except Diverged as exc:
-        trial.set_user_attr("reason", "diverged")
-        trial.set_user_attr("diverged_epoch", exc.args[1])
-        trial.set_user_attr("epochs_reached", exc.args[1] - 1)
-        trial.set_user_attr("train_loss", curve)
+        attrs = {"reason": "diverged", "diverged_epoch": exc.args[1], "epochs_reached": exc.args[1] - 1}
+        _set_attrs(trial, {**attrs, "train_loss": curve})
         raise optuna.TrialPruned(f"diverged: {exc.args[0]}") from None
     last = history[-1]
-    trial.set_user_attr("epochs_reached", last.epoch)
-    trial.set_user_attr("train_loss", curve)
-    trial.set_user_attr("val_loss", round(last.val_loss, 6))
-    trial.set_user_attr("val_accuracy", round(last.val_accuracy, 6))
-    trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))
+    done: dict[str, Any] = {
+        "epochs_reached": last.epoch,
+        "train_loss": curve,
+        "val_loss": round(last.val_loss, 6),
+        "val_accuracy": round(last.val_accuracy, 6),
+        "train_seconds": round(time.perf_counter() - started, 3),
+    }
     if obj.evaluate_test:
-        trial.set_user_attr("test_accuracy", test_accuracy(obj, model, ctx.device))
+        done["test_accuracy"] = test_accuracy(obj, model, ctx.device)
+    _set_attrs(trial, done)
     return last.metric(metric)
 
 

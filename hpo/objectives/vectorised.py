@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpo.models import mlp
+from hpo.objectives.training import activation_backward
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,
@@ -98,6 +99,7 @@ class StackedMLP(StackedModel):
             self.shapes += [(b, a), (b,)]
             i += a * b + b
         self.n_params = i
+        self._cached: tuple[tuple[int, int, torch.device], list[tuple[torch.Tensor, ...]]] | None = None
 
     def init(self, seeds: Sequence[int]) -> torch.Tensor:
         """``(K, P)`` parameters: member k as ``torch.manual_seed(seeds[k]); hpo.models.mlp(...)`` initialises it."""
@@ -112,6 +114,19 @@ class StackedMLP(StackedModel):
         k = flat.shape[0]
         return flat[:, w0 : w0 + a * b].view(k, b, a), flat[:, b0 : b0 + b].view(k, 1, b)
 
+    def _layers(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(weight, its transpose, bias) views of each layer, made once per parameter tensor: the optimizer updates
+        ``flat`` in place, so the views stay valid. (The cache keeps the tensor alive, so no other tensor can take
+        its address while it is cached.)"""
+        key = (flat.data_ptr(), flat.shape[0], flat.device)
+        if self._cached is None or self._cached[0] != key:
+            views = []
+            for j in range(len(self.offsets)):
+                w, bias = self._weights(flat, j)
+                views.append((w, w.transpose(1, 2), bias))
+            self._cached = (key, views)
+        return self._cached[1]
+
     def forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         k = flat.shape[0]
         h = x.reshape(k, x.shape[1], -1)
@@ -123,31 +138,30 @@ class StackedMLP(StackedModel):
                 h = self.act(h)
         return h
 
-    @torch.no_grad()
     def loss_and_grad(
         self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: str, weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As the base class's, with the backward pass written out (two batched matmuls per layer) instead of
-        autograd's: for small models autograd's bookkeeping costs more than the arithmetic."""
+        autograd's: for small models autograd's bookkeeping costs more than the arithmetic. (``flat`` is a plain
+        tensor, so no graph is recorded.)"""
         k = flat.shape[0]
+        layers = self._layers(flat)
         hs = [x.reshape(k, x.shape[1], -1)]
         zs: list[torch.Tensor] = []
-        n_layers = len(self.offsets)
-        for j in range(n_layers):
-            w, bias = self._weights(flat, j)
-            z = torch.baddbmm(bias, hs[-1], w.transpose(1, 2))
-            if j != n_layers - 1:
+        last = len(layers) - 1
+        for j, (_, wt, bias) in enumerate(layers):
+            z = torch.baddbmm(bias, hs[-1], wt)
+            if j != last:
                 zs.append(z)
                 hs.append(self.act(z))
-        rows, dz = _loss_rows_and_grad(loss, z, y, weight)
-        member = rows.mean(1) if weight is None else (rows * weight).sum(1)
-        grads: list[torch.Tensor] = [flat] * (2 * n_layers)
-        for j in reversed(range(n_layers)):
+        member, dz = _loss_and_grad(loss, z, y, weight)
+        grads: list[torch.Tensor] = [flat] * (2 * len(layers))
+        for j in range(last, -1, -1):
             grads[2 * j] = torch.bmm(dz.transpose(1, 2), hs[j]).view(k, -1)
             grads[2 * j + 1] = dz.sum(1)
             if j:
-                dh = torch.bmm(dz, self._weights(flat, j)[0])
-                dz = _activation_backward(self.activation, dh, zs[j - 1], hs[j])
+                dh = torch.bmm(dz, layers[j][0])
+                dz = activation_backward(self.activation, dh, zs[j - 1], hs[j])
         return member, torch.cat(grads, 1)
 
 
@@ -263,7 +277,8 @@ class VecOptimizer:
         self.any_momentum = bool((self.a1 != 0).any())
         self.any_coupled = bool((self.wd_coupled != 0).any())
         self.any_decoupled = bool((self.wd_decoupled != 0).any())
-        self._all_on: torch.Tensor | None = None
+        self.any_adam = bool(self.adam.any())
+        self._all_on: tuple[torch.Tensor, ...] | None = None
 
     def _corrections(self, steps: np.ndarray, on: np.ndarray | None = None) -> torch.Tensor:
         """Rows 0 (step size, with Adam's first-moment correction) and 5 (Adam's sqrt(1 - b2^t))."""
@@ -290,32 +305,32 @@ class VecOptimizer:
         ]
         return torch.from_numpy(np.stack(rows).astype(np.float32)).unsqueeze(-1)
 
-    @torch.no_grad()
     def step(self, p: torch.Tensor, grad: torch.Tensor, stepping: np.ndarray | None = None) -> None:
-        """Update the rows of ``p`` (in place) whose ``stepping`` entry is true (all rows when it is None)."""
+        """Update the rows of ``p`` (a plain tensor, in place) whose ``stepping`` entry is true (all rows when it
+        is None)."""
         if stepping is None:  # every member steps: the coefficients other than Adam's corrections are fixed
-            self.steps = self.steps + 1
-            if self._all_on is None or self._all_on.device != p.device:
-                self._all_on = self._coefficients(np.ones(len(self.kind), dtype=bool)).to(p.device)
-            coef = self._all_on
-            if self.adam.any():
-                coef = coef.clone()
-                coef[[0, 5]] = self._corrections(self.steps).to(p.device).unsqueeze(-1)
+            self.steps += 1
+            if self._all_on is None or self._all_on[0].device != p.device:
+                self._all_on = self._coefficients(np.ones(len(self.kind), dtype=bool)).to(p.device).unbind(0)
+            coefs = self._all_on
+            if self.any_adam:
+                size, bc2 = self._corrections(self.steps).to(p.device).unsqueeze(-1).unbind(0)
+                coefs = (size, *coefs[1:5], bc2, *coefs[6:])
         else:
             self.steps = self.steps + stepping
-            coef = self._coefficients(stepping).to(p.device)
-        step_size, a1, c1, a2, c2, bc2_t, eps, wd_c, decay = coef.unbind(0)
+            coefs = self._coefficients(stepping).to(p.device).unbind(0)
+        step_size, a1, c1, a2, c2, bc2_t, eps, wd_c, decay = coefs
         g = grad.addcmul(p, wd_c) if self.any_coupled else grad
         if self.any_decoupled:
             p.mul_(decay)
         if not self.any_adaptive and not self.any_momentum:
-            p.sub_(g * step_size)  # plain SGD for every member: p - lr * g
+            p.addcmul_(g, step_size, value=-1.0)  # plain SGD for every member: p - lr * g
             return
         if self.s1 is None:
             self.s1 = torch.zeros_like(p)
         self.s1.mul_(a1).addcmul_(g, c1)
         if not self.any_adaptive:
-            p.sub_(self.s1 * step_size)
+            p.addcmul_(self.s1, step_size, value=-1.0)
             return
         if self.s2 is None:
             self.s2 = torch.zeros_like(p)
@@ -340,34 +355,28 @@ def row_losses(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.cross_entropy(out.reshape(k * b, -1), target.reshape(-1), reduction="none").view(k, b)
 
 
-def _loss_rows_and_grad(
+def _loss_and_grad(
     kind: str, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses ``(K, B)`` and the gradient of ``sum(weight * rows)`` (None: ``mean(rows)``) by ``out``."""
+    """Each member's loss ``(K,)``, ``sum(weight * rows)`` (None: ``mean(rows)``), and its gradient by ``out``."""
     w = 1.0 / out.shape[1] if weight is None else weight.unsqueeze(-1)
     if kind == "mse":
         s = torch.sigmoid(out)
         diff = s - target
-        return diff.square().squeeze(-1), torch.ops.aten.sigmoid_backward(diff * (2 * w), s)
+        sq = diff.square()
+        member = sq.mean((1, 2)) if weight is None else (sq.squeeze(-1) * weight).sum(1)
+        return member, torch.ops.aten.sigmoid_backward(diff * (2 * w), s)
     if kind == "bce":
-        rows = F.binary_cross_entropy_with_logits(out, target, reduction="none")
-        return rows.squeeze(-1), (torch.sigmoid(out) - target) * w
+        rows = F.binary_cross_entropy_with_logits(out, target, reduction="none").squeeze(-1)
+        member = rows.mean(1) if weight is None else (rows * weight).sum(1)
+        return member, (torch.sigmoid(out) - target).mul_(w)
     k, b = out.shape[:2]
     logp = torch.log_softmax(out, -1)
     rows = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    member = rows.mean(1) if weight is None else (rows * weight).sum(1)
     grad = logp.exp_()
     grad.scatter_add_(-1, target.unsqueeze(-1), grad.new_full((k, b, 1), -1.0))
-    return rows, grad * w
-
-
-def _activation_backward(kind: str, dh: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if kind == "relu":
-        return torch.ops.aten.threshold_backward(dh, h, 0)
-    if kind == "tanh":
-        return torch.ops.aten.tanh_backward(dh, h)
-    if kind == "sigmoid":
-        return torch.ops.aten.sigmoid_backward(dh, h)
-    return torch.ops.aten.gelu_backward(dh, z)
+    return member, grad.mul_(w)
 
 
 def row_correct(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
