@@ -1,7 +1,8 @@
 """Trials per second and SQL statements per trial: 8 ``hpo`` workers vs 8 plain Optuna workers, one PostgreSQL.
 
 Both sides run a trivial objective (one float parameter, no training) with default TPE, as separate processes on
-one study each, in a fresh database each, in the same run. Statements are counted in every process with
+one study each, in a fresh database each, in the same run; ``--rounds`` (2) runs each side that many times, the
+order alternating (Optuna, hpo, hpo, Optuna), and sums them. Statements are counted in every process with
 SQLAlchemy's ``before_cursor_execute`` event and summed.
 
     python benchmarks/worker_throughput.py --url postgresql+psycopg://postgres@127.0.0.1:5432/test
@@ -154,11 +155,25 @@ def run_side(side: str, admin_url: str, trials: int, workers: int, tmp: Path) ->
     }
 
 
+def _combine(runs: list[dict[str, float]]) -> dict[str, float]:
+    trials = sum(r["trials"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    statements = sum(r["statements_per_trial"] * r["trials"] for r in runs)
+    return {
+        "trials": trials,
+        "seconds": seconds,
+        "trials_per_s": trials / seconds,
+        "statements_per_trial": statements / trials,
+        "seconds_each": [round(r["seconds"], 1) for r in runs],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=os.environ.get("HPO_BENCH_URL") or os.environ.get("HPO_TEST_POSTGRES_URL"))
     ap.add_argument("--trials", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2, help="runs per side, in alternating order (default 2)")
     ap.add_argument("--quick", action="store_true", help="16 trials on 2 workers: checks the script, measures nothing")
     ap.add_argument("--child", choices=["optuna", "hpo"], help=argparse.SUPPRESS)
     ap.add_argument("--study", help=argparse.SUPPRESS)
@@ -172,10 +187,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --url (a PostgreSQL URL) or set HPO_BENCH_URL")
     if args.quick:
         args.trials, args.workers = 16, 2
+    if args.quick:
+        args.rounds = 1
+    # Rounds alternate the order (Optuna first, then hpo first, ...): a machine that drifts (caches, clocks, other
+    # work) then weighs on both sides alike. Seconds and statements are summed over the rounds.
+    runs: dict[str, list[dict[str, float]]] = {"optuna": [], "hpo": []}
     with tempfile.TemporaryDirectory() as tmp:
-        results = {side: run_side(side, args.url, args.trials, args.workers, Path(tmp)) for side in ("optuna", "hpo")}
+        for r in range(args.rounds):
+            for side in ("optuna", "hpo") if r % 2 == 0 else ("hpo", "optuna"):
+                runs[side].append(run_side(side, args.url, args.trials, args.workers, Path(tmp)))
+                print(f"  round {r + 1} {side:6s}: {runs[side][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    results = {side: _combine(rs) for side, rs in runs.items()}
     o, h = results["optuna"], results["hpo"]
-    print(f"{args.workers} workers, {args.trials} trials, trivial objective, default TPE, PostgreSQL")
+    print(
+        f"{args.workers} workers, {args.trials} trials x {args.rounds} round(s), trivial objective, default TPE, PostgreSQL"
+    )
     print(f"{'':24}{'plain Optuna':>14}{'hpo':>14}{'hpo / Optuna':>14}")
     print(f"{'finished trials':24}{o['trials']:>14}{h['trials']:>14}")
     print(f"{'wall seconds':24}{o['seconds']:>14.1f}{h['seconds']:>14.1f}{h['seconds'] / o['seconds']:>14.2f}")

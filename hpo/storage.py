@@ -4,8 +4,9 @@ Choices made on purpose:
 
 * URLs are SQLAlchemy URLs, as Optuna takes them. ``--storage`` wins, then ``HPO_STORAGE``, then the study file,
   then ``sqlite:///hpo.db``. A password may come from ``HPO_STORAGE_PASSWORD_FILE`` instead of the URL.
-* Every engine pings a pooled connection before use (a connection dropped by a database restart is replaced, not
-  fatal) and holds a small, bounded pool: at most :data:`POOL_SIZE` connections per process, no overflow.
+* Every engine pings a pooled connection that sat idle for a second or more before using it (a connection dropped by
+  a database restart is replaced, not fatal; one in steady use fails its statement, which the worker retries) and
+  holds a small, bounded pool: at most :data:`POOL_SIZE` connections per process, no overflow.
 * SQLite is put in WAL mode with a 60 s busy timeout, so several local processes share one file without
   ``database is locked``, and ``synchronous=NORMAL`` (the setting SQLite recommends with WAL): a commit does not
   wait for the disk, which halves what a small write costs; a crashed process loses nothing, a power cut may lose
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -43,6 +45,8 @@ DEFAULT_URL = "sqlite:///hpo.db"
 #: budget lock each need one at the same time.
 POOL_SIZE = 3
 SQLITE_TIMEOUT_S = 60
+#: A pooled connection idle this long is pinged before use (:func:`_ping_idle_connections`).
+PING_IDLE_S = 1.0
 
 _AUTH_MARKERS = ("password authentication failed", "access denied", "authentication failed", "no password supplied")
 
@@ -113,7 +117,6 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     if _is_sqlite(parsed):
         return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     kwargs: dict[str, Any] = {
-        "pool_pre_ping": True,
         "pool_size": POOL_SIZE,
         "max_overflow": 0,
         "pool_timeout": 60,
@@ -183,6 +186,28 @@ def describe_error(exc: BaseException, url: str) -> str:
     return scrub(text, url)
 
 
+def _ping_idle_connections(engine: sqlalchemy.Engine) -> None:
+    """Pre-ping a pooled connection before use if it sat idle in the pool for :data:`PING_IDLE_S` or more; one that
+    does not answer is replaced (the pool retries with a fresh connection), so a database restart between trials is
+    not fatal. SQLAlchemy's ``pool_pre_ping`` pings at every checkout, and Optuna checks a connection out for every
+    storage call, about 20 a trial: that was a round trip per call. A connection lost while in steady use fails its
+    statement instead, and the worker's database retries (``hpo.worker``) run it again on a fresh one."""
+
+    @sqlalchemy.event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["hpo_idle_since"] = time.monotonic()
+
+    @sqlalchemy.event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("hpo_idle_since")
+        if since is None or time.monotonic() - since < PING_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool invalidates this connection and checks out a fresh one
+            raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
+
+
 def _sqlite_synchronous_normal(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
@@ -242,6 +267,8 @@ def open_storage(
             if _is_sqlite(parsed) and not read_only:
                 sqlalchemy.event.listen(storage.engine, "connect", _sqlite_synchronous_normal)
                 storage.engine.dispose()  # connections opened while creating the tables: reopened with the pragma
+            elif not _is_sqlite(parsed):
+                _ping_idle_connections(storage.engine)
             return storage
         except (NoSuchModuleError, ImportError) as exc:
             raise StorageError(f"no database driver for {mask(url)}: {scrub(str(exc), url)}") from None
@@ -279,51 +306,66 @@ def set_trial_user_attrs(
     """
     import json
 
-    from optuna.storages._rdb import models
-
     backend = _rdb(storage)
     if not isinstance(backend, optuna.storages.RDBStorage):
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
         return
-    table = models.TrialUserAttributeModel.__table__
+    delete, insert = _user_attr_statements()
     with backend.engine.begin() as conn:
         if replace:
-            conn.execute(sqlalchemy.delete(table).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs))))
-        conn.execute(
-            sqlalchemy.insert(table),
-            [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()],
+            conn.execute(delete, {"trial_id": trial_id, "keys": list(attrs)})
+        conn.execute(insert, [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
+
+
+@functools.cache
+def _user_attr_statements() -> tuple[Any, Any]:
+    from optuna.storages._rdb import models
+
+    table = models.TrialUserAttributeModel.__table__
+    keys = sqlalchemy.bindparam("keys", expanding=True)
+    delete = sqlalchemy.delete(table).where(table.c.trial_id == sqlalchemy.bindparam("trial_id"), table.c.key.in_(keys))
+    return delete, sqlalchemy.insert(table)
+
+
+@functools.cache
+def _upsert_statement(
+    backend: str, table: sqlalchemy.Table, keys: tuple[str, ...], update: tuple[str, ...], now: str
+) -> Any:
+    """The statement :func:`_upsert` runs, built once per table and database kind. ``now``: a column set to the
+    database's clock instead of a value ("" for none)."""
+    fixed: dict[str, Any] = {}
+    if now:
+        fixed[now] = sqlalchemy.func.current_timestamp() if backend == "sqlite" else sqlalchemy.func.now()
+    if backend == "mysql":
+        from sqlalchemy.dialects.mysql import insert as my_insert
+
+        my_stmt = my_insert(table).values(**fixed)
+        return my_stmt.on_duplicate_key_update({c: fixed.get(c, my_stmt.inserted[c]) for c in update})
+    if backend in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.sqlite import insert as lite_insert
+
+        ins = (pg_insert if backend == "postgresql" else lite_insert)(table).values(**fixed)
+        return ins.on_conflict_do_update(
+            index_elements=list(keys), set_={c: fixed.get(c, ins.excluded[c]) for c in update}
         )
+    raise StorageError(f"hpo does not write to {backend} databases")
 
 
 def _upsert(
     storage: optuna.storages.RDBStorage,
     table: sqlalchemy.Table,
     rows: list[dict[str, Any]],
-    key: str | tuple[str, ...],
+    key: tuple[str, ...],
     update: tuple[str, ...],
-    fixed: dict[str, Any] | None = None,
+    now: str = "",
     conn: sqlalchemy.Connection | None = None,
 ) -> None:
-    """Insert ``rows`` (plus the SQL expressions ``fixed``, the same for every row), or, where a row with the same
-    ``key`` (a unique constraint) exists, set its ``update`` columns to the new values: one statement for all rows,
-    in one transaction (``conn``'s, if given). Needs INSERT and UPDATE only, as Optuna's own writes."""
-    backend = storage.engine.url.get_backend_name()
-    keys = [key] if isinstance(key, str) else list(key)
-    fixed = fixed or {}
-    if backend == "mysql":
-        from sqlalchemy.dialects.mysql import insert as my_insert
-
-        my_stmt = my_insert(table).values(**fixed)
-        stmt: Any = my_stmt.on_duplicate_key_update({c: fixed.get(c, my_stmt.inserted[c]) for c in update})
-    elif backend in ("postgresql", "sqlite"):
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-        from sqlalchemy.dialects.sqlite import insert as lite_insert
-
-        ins = (pg_insert if backend == "postgresql" else lite_insert)(table).values(**fixed)
-        stmt = ins.on_conflict_do_update(index_elements=keys, set_={c: fixed.get(c, ins.excluded[c]) for c in update})
-    else:
-        raise StorageError(f"hpo does not write to {backend} databases")
+    """Insert ``rows``, or, where a row with the same ``key`` (a unique constraint) exists, set its ``update``
+    columns to the new values; the column named ``now`` (if any) is set to the database's clock. One statement for
+    all rows, in one transaction (``conn``'s, if given). Needs INSERT and UPDATE only, as Optuna's own writes."""
+    stmt = _upsert_statement(storage.engine.url.get_backend_name(), table, key, update, now)
     if conn is not None:
         conn.execute(stmt, rows)
         return
@@ -342,11 +384,8 @@ def record_heartbeat(
     ids = [trial_ids] if isinstance(trial_ids, int) else list(trial_ids)
     if not ids:
         return
-    backend = _rdb(storage)
-    sqlite = backend.engine.url.get_backend_name() == "sqlite"
-    now = sqlalchemy.func.current_timestamp() if sqlite else sqlalchemy.func.now()  # as Optuna: UTC text on SQLite
-    table = models.TrialHeartbeatModel.__table__
-    _upsert(backend, table, [{"trial_id": i} for i in ids], "trial_id", ("heartbeat",), {"heartbeat": now}, conn)
+    table = models.TrialHeartbeatModel.__table__  # the database's clock, as Optuna writes it (UTC text on SQLite)
+    _upsert(_rdb(storage), table, [{"trial_id": i} for i in ids], ("trial_id",), ("heartbeat",), "heartbeat", conn)
 
 
 def store_intermediate_values(storage: optuna.storages.BaseStorage, values: Sequence[tuple[int, int, float]]) -> None:
@@ -456,21 +495,15 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterato
             yield conn
 
 
-def budget_counts(
-    storage: optuna.storages.RDBStorage, study_id: int, conn: sqlalchemy.Connection | None = None
-) -> tuple[int, int, int]:
-    """(counted, running, waiting) trials of a study, in one statement.
-
-    Counted = complete + pruned + running + failed, less one per re-queued copy: Optuna's retry callback gives each
-    copy of a failed trial the system attribute ``failed_trial``, and a failed trial with a copy does not count (its
-    copy does, once it runs). A waiting copy thus cancels its failed original: the slot is free until it runs.
-    """
+@functools.cache
+def _budget_statement() -> sqlalchemy.Select[Any]:
+    """:func:`budget_counts`'s statement, built once (building it cost more than running it)."""
     from optuna.storages._rdb import models
     from optuna.trial import TrialState
 
-    storage = _rdb(storage)
     t = models.TrialModel.__table__
     a = models.TrialSystemAttributeModel.__table__
+    study_id = sqlalchemy.bindparam("study_id")
 
     def n(*states: TrialState) -> Any:
         return sqlalchemy.func.coalesce(sqlalchemy.func.sum(sqlalchemy.case((t.c.state.in_(states), 1), else_=0)), 0)
@@ -483,14 +516,26 @@ def budget_counts(
         .scalar_subquery()
     )
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
-    stmt = sqlalchemy.select(n(*done) - copies, n(TrialState.RUNNING), n(TrialState.WAITING)).where(
+    return sqlalchemy.select(n(*done) - copies, n(TrialState.RUNNING), n(TrialState.WAITING)).where(
         t.c.study_id == study_id
     )
+
+
+def budget_counts(
+    storage: optuna.storages.BaseStorage, study_id: int, conn: sqlalchemy.Connection | None = None
+) -> tuple[int, int, int]:
+    """(counted, running, waiting) trials of a study, in one statement.
+
+    Counted = complete + pruned + running + failed, less one per re-queued copy: Optuna's retry callback gives each
+    copy of a failed trial the system attribute ``failed_trial``, and a failed trial with a copy does not count (its
+    copy does, once it runs). A waiting copy thus cancels its failed original: the slot is free until it runs.
+    """
+    params = {"study_id": study_id}
     if conn is not None:
-        row = conn.execute(stmt).one()
+        row = conn.execute(_budget_statement(), params).one()
     else:
-        with storage.engine.connect() as own:
-            row = own.execute(stmt).one()
+        with _rdb(storage).engine.connect() as own:
+            row = own.execute(_budget_statement(), params).one()
     return int(row[0]), int(row[1]), int(row[2])
 
 

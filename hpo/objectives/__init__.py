@@ -84,7 +84,11 @@ def trial_seed(spec: StudySpec, trial_number: int) -> int:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is checked and kept."""
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is checked and kept.
+
+    ``cpu`` is kept without importing torch (a second of start-up for workers whose objective does not use it)."""
+    if device == "cpu":
+        return device
     import torch
 
     if device == "auto":
