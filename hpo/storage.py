@@ -405,6 +405,35 @@ def store_intermediate_values(storage: optuna.storages.BaseStorage, values: Sequ
     _upsert(backend, model.__table__, rows, ("trial_id", "step"), ("intermediate_value", "intermediate_value_type"))
 
 
+def create_running_trial(study_id: int, conn: sqlalchemy.Connection) -> tuple[int, int, Any]:
+    """Optuna's ``create_new_trial`` for a new RUNNING trial, in the caller's transaction (the budget lock's): the
+    study's row locked for update, as Optuna does, so trial numbers stay unique with any other creator, then one
+    insert numbering the trial by the study's trials before it. Optuna's own does this in a transaction of its own,
+    four statements and a commit, which the budget lock then waited for. Returns (trial id, number, start time)."""
+    import datetime
+
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    t, st = models.TrialModel.__table__, models.StudyModel.__table__
+    conn.execute(sqlalchemy.select(st.c.study_id).where(st.c.study_id == study_id).with_for_update())
+    count = sqlalchemy.select(sqlalchemy.func.count(t.c.trial_id)).where(t.c.study_id == study_id)
+    now = datetime.datetime.now()  # Optuna's datetime_start: the worker's clock
+    if conn.dialect.name == "mysql":  # no RETURNING; the study row lock keeps the count exact
+        number = conn.execute(count).scalar_one()
+        values = {"number": number, "study_id": study_id, "state": TrialState.RUNNING, "datetime_start": now}
+        return int(conn.execute(sqlalchemy.insert(t).values(**values)).inserted_primary_key[0]), int(number), now
+    row = sqlalchemy.select(
+        count.scalar_subquery(),
+        sqlalchemy.literal(study_id, t.c.study_id.type),
+        sqlalchemy.literal(TrialState.RUNNING, t.c.state.type),
+        sqlalchemy.literal(now, t.c.datetime_start.type),
+    )
+    insert = sqlalchemy.insert(t).from_select(["number", "study_id", "state", "datetime_start"], row)
+    trial_id, number = conn.execute(insert.returning(t.c.trial_id, t.c.number)).one()
+    return int(trial_id), int(number), now
+
+
 def unbeaten_trial_ids(storage: optuna.storages.BaseStorage, study_id: int, grace_s: float) -> list[int]:
     """Running trials that never recorded a heartbeat and started over ``grace_s`` ago: their worker died between
     taking the slot and its first beat. Optuna's stale-trial query joins on heartbeats and never sees them."""

@@ -47,6 +47,7 @@ from hpo.spec import StudySpec, parse_spec
 from hpo.storage import (
     budget_counts,
     budget_lock,
+    create_running_trial,
     describe_error,
     mask,
     open_storage,
@@ -411,19 +412,67 @@ def take_slots(
     """Take up to ``want`` trial slots inside the budget lock: (their trial ids, trials running now).
 
     Stale trials are reaped first, outside the lock and at most once per heartbeat interval (a trial changes state
-    once; reaping before every ask, inside the lock, serialised three queries per trial). Build each trial with
-    ``optuna.Trial(study, trial_id)`` after this returns: the sampler then draws outside the lock.
+    once; reaping before every ask, inside the lock, serialised three queries per trial). Inside the lock: one
+    count, waiting trials popped from Optuna's queue, new RUNNING trials created and their first heartbeats
+    written in the lock's own transaction (:func:`hpo.storage.create_running_trial`), so the lock is held for a
+    handful of statements and one commit. Build each trial with ``optuna.Trial(study, trial_id)`` after this
+    returns: the sampler then draws outside the lock.
     """
     if opts.heartbeat_interval is not None and time.monotonic() >= _last_reap.get(name, 0.0):
         reap(study)
         _last_reap[name] = time.monotonic() + opts.heartbeat_interval
-    with budget_lock(storage, name) as conn:
-        counted, running, waiting = budget_counts(storage, study._study_id, conn)
-        n = want if budget is None else min(want, budget - counted)
-        ids = [_take_slot(study, waiting > i) for i in range(max(0, n))]
-        if ids and opts.heartbeat_interval is not None:  # the slot's first beat: from here on a dead worker is reaped
-            record_heartbeat(storage, ids, conn)
+    with budget_lock(storage, name) as lock:
+        counted, running, waiting = budget_counts(storage, study._study_id, lock)
+        n = max(0, want if budget is None else min(want, budget - counted))
+        study._thread_local.cached_all_trials = None  # as Study.ask: sync with the storage once a trial
+        ids: list[int] = []
+        while len(ids) < min(n, waiting):  # re-queued and enqueued trials first (Optuna's queue), then new ones
+            popped = study._pop_waiting_trial_id()
+            if popped is None:
+                break
+            ids.append(popped)
+        if len(ids) == n and not (ids and opts.heartbeat_interval is not None):
+            return ids, running
+        # New trials and their first heartbeats in the lock's transaction (SQLite: one of its own, under the lock
+        # file): from the commit on, a worker that dies is reaped.
+        created = []
+        with contextlib.nullcontext(lock) if lock is not None else storage.engine.begin() as conn:
+            while len(ids) + len(created) < n:
+                created.append(create_running_trial(study._study_id, conn))
+            ids += [trial_id for trial_id, _, _ in created]
+            if ids and opts.heartbeat_interval is not None:
+                record_heartbeat(storage, ids, conn)
+        _cache_created(study, created)
         return ids, running
+
+
+def _cache_created(study: optuna.Study, created: list[tuple[int, int, datetime.datetime]]) -> None:
+    """Tell Optuna's trial cache about trials created by :func:`hpo.storage.create_running_trial`, as its own
+    ``create_new_trial`` does (the cache maps trial ids to studies for every later call on those trials)."""
+    cache = study._storage
+    if not created or not hasattr(cache, "_add_trials_to_cache"):
+        return
+    from optuna.storages._cached_storage import _StudyInfo
+
+    trials = [
+        optuna.trial.FrozenTrial(
+            number=number,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=start,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=trial_id,
+        )
+        for trial_id, number, start in created
+    ]
+    with cache._lock:
+        cache._studies.setdefault(study._study_id, _StudyInfo())
+        cache._add_trials_to_cache(study._study_id, trials)
 
 
 def reap(study: optuna.Study) -> list[int]:
@@ -471,15 +520,6 @@ def _next_trial(
         # The budget is taken, but trials still run: wait for them, reaping any whose worker died.
         stop.wait(min(1.0, opts.heartbeat_interval / 2))
     return None
-
-
-def _take_slot(study: optuna.Study, waiting: bool) -> int:
-    """The first half of ``Study.ask``, done under the budget lock: pop a waiting trial (when the count said some
-    wait) or create a new one (RUNNING, so it counts). The second half, ``optuna.Trial(study, trial_id)``, runs the
-    sampler and needs no lock: holding it there serialised every worker's sampling."""
-    study._thread_local.cached_all_trials = None  # as Study.ask: sync with the storage once a trial
-    trial_id = study._pop_waiting_trial_id() if waiting else None
-    return trial_id if trial_id is not None else study._storage.create_new_trial(study._study_id)
 
 
 class _Heartbeat:
