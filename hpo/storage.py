@@ -290,7 +290,7 @@ def open_storage(
             delay = min(delay * 2, 8.0)
 
 
-def _rdb(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+def rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
     """The RDBStorage behind a study's storage (Optuna wraps it in a cache)."""
     return getattr(storage, "_backend", storage)
 
@@ -306,7 +306,7 @@ def set_trial_user_attrs(
     """
     import json
 
-    backend = _rdb(storage)
+    backend = rdb_backend(storage)
     if not isinstance(backend, optuna.storages.RDBStorage):
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
@@ -385,7 +385,9 @@ def record_heartbeat(
     if not ids:
         return
     table = models.TrialHeartbeatModel.__table__  # the database's clock, as Optuna writes it (UTC text on SQLite)
-    _upsert(_rdb(storage), table, [{"trial_id": i} for i in ids], ("trial_id",), ("heartbeat",), "heartbeat", conn)
+    _upsert(
+        rdb_backend(storage), table, [{"trial_id": i} for i in ids], ("trial_id",), ("heartbeat",), "heartbeat", conn
+    )
 
 
 def store_intermediate_values(storage: optuna.storages.BaseStorage, values: Sequence[tuple[int, int, float]]) -> None:
@@ -396,13 +398,34 @@ def store_intermediate_values(storage: optuna.storages.BaseStorage, values: Sequ
 
     if not values:
         return
-    backend = _rdb(storage)
+    backend = rdb_backend(storage)
     model = models.TrialIntermediateValueModel
     rows = []
     for trial_id, step, value in values:
         stored, kind = model.intermediate_value_to_stored_repr(value)
         rows.append({"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind})
     _upsert(backend, model.__table__, rows, ("trial_id", "step"), ("intermediate_value", "intermediate_value_type"))
+
+
+@functools.cache
+def _create_statements(dialect: str) -> tuple[Any, Any, Any]:
+    """:func:`create_running_trial`'s statements, built once (they run inside the budget lock)."""
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    t, st = models.TrialModel.__table__, models.StudyModel.__table__
+    study_id = sqlalchemy.bindparam("study_id", type_=t.c.study_id.type)
+    start = sqlalchemy.bindparam("start", type_=t.c.datetime_start.type)
+    lock = sqlalchemy.select(st.c.study_id).where(st.c.study_id == study_id).with_for_update()
+    count = sqlalchemy.select(sqlalchemy.func.count(t.c.trial_id)).where(t.c.study_id == study_id)
+    running = sqlalchemy.literal(TrialState.RUNNING, t.c.state.type)
+    if dialect == "mysql":  # no RETURNING: count, then insert; the study row lock keeps the count exact
+        number = sqlalchemy.bindparam("number", type_=t.c.number.type)
+        insert = sqlalchemy.insert(t).values(number=number, study_id=study_id, state=running, datetime_start=start)
+        return lock, count, insert
+    row = sqlalchemy.select(count.scalar_subquery(), study_id, running, start)
+    insert = sqlalchemy.insert(t).from_select(["number", "study_id", "state", "datetime_start"], row)
+    return lock, None, insert.returning(t.c.trial_id, t.c.number)
 
 
 def create_running_trial(study_id: int, conn: sqlalchemy.Connection) -> tuple[int, int, Any]:
@@ -412,26 +435,15 @@ def create_running_trial(study_id: int, conn: sqlalchemy.Connection) -> tuple[in
     four statements and a commit, which the budget lock then waited for. Returns (trial id, number, start time)."""
     import datetime
 
-    from optuna.storages._rdb import models
-    from optuna.trial import TrialState
-
-    t, st = models.TrialModel.__table__, models.StudyModel.__table__
-    conn.execute(sqlalchemy.select(st.c.study_id).where(st.c.study_id == study_id).with_for_update())
-    count = sqlalchemy.select(sqlalchemy.func.count(t.c.trial_id)).where(t.c.study_id == study_id)
-    now = datetime.datetime.now()  # Optuna's datetime_start: the worker's clock
-    if conn.dialect.name == "mysql":  # no RETURNING; the study row lock keeps the count exact
-        number = conn.execute(count).scalar_one()
-        values = {"number": number, "study_id": study_id, "state": TrialState.RUNNING, "datetime_start": now}
-        return int(conn.execute(sqlalchemy.insert(t).values(**values)).inserted_primary_key[0]), int(number), now
-    row = sqlalchemy.select(
-        count.scalar_subquery(),
-        sqlalchemy.literal(study_id, t.c.study_id.type),
-        sqlalchemy.literal(TrialState.RUNNING, t.c.state.type),
-        sqlalchemy.literal(now, t.c.datetime_start.type),
-    )
-    insert = sqlalchemy.insert(t).from_select(["number", "study_id", "state", "datetime_start"], row)
-    trial_id, number = conn.execute(insert.returning(t.c.trial_id, t.c.number)).one()
-    return int(trial_id), int(number), now
+    lock, count, insert = _create_statements(conn.dialect.name)
+    params: dict[str, Any] = {"study_id": study_id, "start": datetime.datetime.now()}  # Optuna's: the worker's clock
+    conn.execute(lock, params)
+    if count is not None:
+        params["number"] = conn.execute(count, params).scalar_one()
+        trial_id = conn.execute(insert, params).inserted_primary_key[0]
+        return int(trial_id), int(params["number"]), params["start"]
+    trial_id, number = conn.execute(insert, params).one()
+    return int(trial_id), int(number), params["start"]
 
 
 def unbeaten_trial_ids(storage: optuna.storages.BaseStorage, study_id: int, grace_s: float) -> list[int]:
@@ -451,7 +463,7 @@ def unbeaten_trial_ids(storage: optuna.storages.BaseStorage, study_id: int, grac
         t.c.datetime_start < cutoff,
         ~sqlalchemy.exists().where(h.c.trial_id == t.c.trial_id),
     )
-    with _rdb(storage).engine.connect() as conn:
+    with rdb_backend(storage).engine.connect() as conn:
         return [int(r[0]) for r in conn.execute(stmt)]
 
 
@@ -563,7 +575,7 @@ def budget_counts(
     if conn is not None:
         row = conn.execute(_budget_statement(), params).one()
     else:
-        with _rdb(storage).engine.connect() as own:
+        with rdb_backend(storage).engine.connect() as own:
             row = own.execute(_budget_statement(), params).one()
     return int(row[0]), int(row[1]), int(row[2])
 

@@ -52,6 +52,7 @@ from hpo.storage import (
     mask,
     open_storage,
     quiet_optuna,
+    rdb_backend,
     record_heartbeat,
     retry_callback,
     set_trial_user_attrs,
@@ -480,7 +481,7 @@ def reap(study: optuna.Study) -> list[int]:
     ``fail_stale_trials`` does for trials whose heartbeat is older than the grace period; here also for running
     trials that never beat (:func:`hpo.storage.unbeaten_trial_ids`). Returns the ids of the trials this call failed
     (another worker may reap the same trials at the same time; each is failed, and re-queued, once)."""
-    backend = getattr(study._storage, "_backend", study._storage)
+    backend = rdb_backend(study._storage)
     interval = backend.get_heartbeat_interval() if hasattr(backend, "get_heartbeat_interval") else None
     if interval is None:
         return []
@@ -522,33 +523,47 @@ def _next_trial(
     return None
 
 
-class _Heartbeat:
-    """Records a running trial's heartbeat every ``interval`` seconds, surviving database errors.
+class _Heartbeats:
+    """One thread recording a heartbeat for every trial it holds (one in single-trial mode, every running member in
+    population mode) every ``interval`` seconds, surviving database errors.
 
     Optuna's own heartbeat thread dies at the first database error, after which the trial looks stale to every other
     worker; this one logs the error and tries again at the next beat.
     """
 
-    def __init__(self, trial_id: int, storage: optuna.storages.BaseStorage, interval: int | None, url: str) -> None:
-        self.trial_id, self.storage, self.interval, self.url = trial_id, storage, interval, url
+    def __init__(self, storage: optuna.storages.BaseStorage, interval: int | None, url: str) -> None:
+        self.storage, self.interval, self.url = storage, interval, url
+        self.ids: set[int] = set()
+        self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def __enter__(self) -> _Heartbeat:
+    def add(self, trial_id: int) -> None:
+        """Beat for ``trial_id`` from the next interval on (its first beat was recorded with its slot)."""
+        with self.lock:
+            self.ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.discard(trial_id)
+
+    def __enter__(self) -> _Heartbeats:
         if self.interval is not None:
-            self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.trial_id}", daemon=True)
+            self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
             self.thread.start()
         return self
 
     def _beat(self) -> None:
         assert self.interval is not None
-        while not self.done.wait(self.interval):  # the first beat was recorded with the slot (take_slots)
+        while not self.done.wait(self.interval):
+            with self.lock:
+                ids = sorted(self.ids)
             try:
-                record_heartbeat(self.storage, self.trial_id)
+                record_heartbeat(self.storage, ids)
             except Exception as exc:
                 if not _db_errors(exc):
                     raise
-                log.warning("heartbeat of trial id %d not recorded: %s", self.trial_id, describe_error(exc, self.url))
+                log.warning("heartbeats of %d trial(s) not recorded: %s", len(ids), describe_error(exc, self.url))
 
     def __exit__(self, *exc: Any) -> None:
         self.done.set()
@@ -576,7 +591,8 @@ def _run_one(
     outcome = "done"
     reason: str | None = None
     error: str | None = None
-    with _Heartbeat(trial._trial_id, study._storage, opts.heartbeat_interval, url):
+    with _Heartbeats(study._storage, opts.heartbeat_interval, url) as beats:
+        beats.add(trial._trial_id)
         try:
             # A re-queued copy carries its original's attributes; the trial as asked for holds them (no extra read).
             cached = getattr(trial, "_cached_frozen_trial", None)

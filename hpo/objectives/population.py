@@ -54,7 +54,6 @@ from hpo.objectives import trial_seed
 from hpo.objectives.training import METRICS, EpochResult, Loss, TrainConfig, resolve_config
 from hpo.objectives.vectorised import FuncStack, StackedMLP, StackedModel, VecOptimizer, row_correct, row_losses
 from hpo.spec import ChoiceParam, FixedParam, StudySpec, TrainingObjective
-from hpo.storage import record_heartbeat
 
 if TYPE_CHECKING:
     from hpo.worker import WorkerOptions, WorkerResult
@@ -464,52 +463,6 @@ def train_members(
 # --------------------------------------------------------------------------- the worker's population loop
 
 
-class _Heartbeats:
-    """One thread recording a heartbeat for every running member's trial every ``interval`` seconds."""
-
-    def __init__(self, storage: optuna.storages.BaseStorage, interval: int | None, url: str) -> None:
-        self.storage, self.interval, self.url = storage, interval, url
-        self.ids: set[int] = set()
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def add(self, trial_id: int) -> None:
-        """Beat for ``trial_id`` from the next interval on (its first beat was recorded with its slot)."""
-        with self.lock:
-            self.ids.add(trial_id)
-
-    def discard(self, trial_id: int) -> None:
-        with self.lock:
-            self.ids.discard(trial_id)
-
-    def __enter__(self) -> _Heartbeats:
-        if self.interval is not None:
-            self.thread = threading.Thread(target=self._beat, name="heartbeat-population", daemon=True)
-            self.thread.start()
-        return self
-
-    def _beat(self) -> None:
-        from hpo.storage import describe_error
-        from hpo.worker import _db_errors
-
-        assert self.interval is not None
-        while not self.done.wait(self.interval):
-            with self.lock:
-                ids = sorted(self.ids)
-            try:
-                record_heartbeat(self.storage, ids)
-            except Exception as exc:
-                if not _db_errors(exc):
-                    raise
-                log.warning("heartbeats of %d trials not recorded: %s", len(ids), describe_error(exc, self.url))
-
-    def __exit__(self, *exc: Any) -> None:
-        self.done.set()
-        if self.thread is not None:
-            self.thread.join()
-
-
 class _StudyView:
     """The study as this population sees it: the trials read from the database at most once per ``ttl`` seconds,
     overlaid with this worker's own trials as they are now (parameters as sampled, values as reported, outcome as
@@ -631,7 +584,7 @@ def run_population(
     failed and re-queued with their parameters, as the single-trial loop does with its one trial.
     """
     from hpo.storage import retry_callback, set_trial_user_attrs
-    from hpo.worker import _tell, _with_db_retry
+    from hpo.worker import _Heartbeats, _tell, _with_db_retry
 
     obj = spec.objective
     assert isinstance(obj, TrainingObjective)
@@ -764,7 +717,7 @@ def run_population(
             result.interrupted = True
 
 
-def _drop(live: dict[int, _Live], beats: _Heartbeats, trainer: PopulationTrainer, number: int, result: Any) -> None:
+def _drop(live: dict[int, _Live], beats: Any, trainer: PopulationTrainer, number: int, result: Any) -> None:
     item = live.pop(number)
     beats.discard(item.trial._trial_id)
     trainer.remove(number)

@@ -282,21 +282,7 @@ class MLPGradients:
             if j != last:
                 zs.append(z)
                 hs.append(self.act(z))
-        batch = x.shape[0]
-        if self.loss == "mse":  # mean((sigmoid(z) - y)^2)
-            s = torch.sigmoid(z)
-            diff = s - y
-            value = diff.square().mean()
-            dz = torch.ops.aten.sigmoid_backward(diff * (2.0 / batch), s)
-        elif self.loss == "bce":
-            value = nn.functional.binary_cross_entropy_with_logits(z, y)
-            dz = (torch.sigmoid(z) - y).div_(batch)
-        else:  # cross entropy: softmax minus the one-hot target
-            logp = torch.log_softmax(z, 1)
-            value = nn.functional.nll_loss(logp, y)
-            dz = logp.exp_()
-            dz[torch.arange(batch, device=dz.device), y] -= 1.0
-            dz.div_(batch)
+        value, dz = output_loss_and_grad(self.loss, z, y)
         grads: list[torch.Tensor] = [z] * (2 * len(self.layers))
         for j in range(last, -1, -1):
             grads[2 * j] = dz.t().mm(hs[j])
@@ -305,6 +291,35 @@ class MLPGradients:
                 dh = dz.mm(self.layers[j][0])
                 dz = activation_backward(self.activation, dh, zs[j - 1], hs[j])
         return value, grads
+
+
+def output_loss_and_grad(
+    kind: str, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss over the rows of ``out`` and its gradient by ``out``: one model's ``(B, n_out)`` (the loss a scalar) or
+    K members' ``(K, B, n_out)`` (each member's loss, ``(K,)``). ``mse`` on a sigmoid output, ``bce`` on logits,
+    ``cross_entropy`` (targets: ``(..., B, 1)`` floats, or ``(..., B)`` class indices). The loss is each row's
+    weighted by ``weight`` (``(K, B)``), or None: the mean over the rows, as :class:`Loss` computes it.
+    Used by :class:`MLPGradients` and by population mode's stacked MLP."""
+    w = 1.0 / out.shape[-2] if weight is None else weight.unsqueeze(-1)
+    # The mean as sum(rows) * (1 / B): a sum and an in-place scale cost half of ``mean`` at these shapes.
+    if kind == "mse":
+        s = torch.sigmoid(out)
+        diff = s - target
+        sq = diff.square()
+        value = sq.sum((-2, -1)).mul_(w) if weight is None else (sq.squeeze(-1) * weight).sum(-1)
+        return value, torch.ops.aten.sigmoid_backward(diff * (2 * w), s)
+    if kind == "bce":
+        rows = nn.functional.binary_cross_entropy_with_logits(out, target, reduction="none").squeeze(-1)
+        value = rows.sum(-1).mul_(w) if weight is None else (rows * weight).sum(-1)
+        return value, (torch.sigmoid(out) - target).mul_(w)
+    logp = torch.log_softmax(out, -1)  # cross entropy: its gradient is the softmax minus the one-hot target
+    index = target.unsqueeze(-1)
+    rows = -logp.gather(-1, index).squeeze(-1)
+    value = rows.sum(-1).mul_(w) if weight is None else (rows * weight).sum(-1)
+    grad = logp.exp_()
+    grad.scatter_add_(-1, index, grad.new_full(index.shape, -1.0))
+    return value, grad.mul_(w)
 
 
 def activation_backward(kind: str, dh: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpo.models import mlp
-from hpo.objectives.training import activation_backward
+from hpo.objectives.training import activation_backward, output_loss_and_grad
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,
@@ -154,7 +154,7 @@ class StackedMLP(StackedModel):
             if j != last:
                 zs.append(z)
                 hs.append(self.act(z))
-        member, dz = _loss_and_grad(loss, z, y, weight)
+        member, dz = output_loss_and_grad(loss, z, y, weight)
         grads: list[torch.Tensor] = [flat] * (2 * len(layers))
         for j in range(last, -1, -1):
             grads[2 * j] = torch.bmm(dz.transpose(1, 2), hs[j]).view(k, -1)
@@ -353,31 +353,6 @@ def row_losses(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tens
         return F.binary_cross_entropy_with_logits(out, target, reduction="none").squeeze(-1)
     k, b = out.shape[:2]
     return F.cross_entropy(out.reshape(k * b, -1), target.reshape(-1), reduction="none").view(k, b)
-
-
-def _loss_and_grad(
-    kind: str, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each member's loss ``(K,)``, ``sum(weight * rows)`` (None: ``mean(rows)``), and its gradient by ``out``."""
-    w = 1.0 / out.shape[1] if weight is None else weight.unsqueeze(-1)
-    # A member's mean is sum(rows) * (1 / B): a sum and an in-place scale cost half of ``mean`` at these shapes.
-    if kind == "mse":
-        s = torch.sigmoid(out)
-        diff = s - target
-        sq = diff.square()
-        member = sq.sum((1, 2)).mul_(w) if weight is None else (sq.squeeze(-1) * weight).sum(1)
-        return member, torch.ops.aten.sigmoid_backward(diff * (2 * w), s)
-    if kind == "bce":
-        rows = F.binary_cross_entropy_with_logits(out, target, reduction="none").squeeze(-1)
-        member = rows.sum(1).mul_(w) if weight is None else (rows * weight).sum(1)
-        return member, (torch.sigmoid(out) - target).mul_(w)
-    k, b = out.shape[:2]
-    logp = torch.log_softmax(out, -1)
-    rows = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    member = rows.sum(1).mul_(w) if weight is None else (rows * weight).sum(1)
-    grad = logp.exp_()
-    grad.scatter_add_(-1, target.unsqueeze(-1), grad.new_full((k, b, 1), -1.0))
-    return member, grad.mul_(w)
 
 
 def row_correct(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
