@@ -655,50 +655,68 @@ def _run_one(
 def _tell(
     study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None, opts: WorkerOptions, url: str
 ) -> tuple[optuna.trial.FrozenTrial, bool]:
-    """Store the outcome, retrying until the database takes it; (stored trial, whether this call finished it)."""
+    """Store the outcome, retrying until the database takes it; (stored trial, whether this call finished it).
 
+    ``study`` may be population mode's view of the study, which reads the worker's own trials from memory."""
+
+    real = getattr(study, "_study", study)
     attempts = [0]
 
     def tell() -> tuple[optuna.trial.FrozenTrial, bool]:
         attempts[0] += 1
         # After a failed attempt (which may have reached the database), or for a trial that failed (which a worker
-        # may have reaped meanwhile), look first; a plain success needs no extra read.
-        if attempts[0] > 1 or state != TrialState.COMPLETE:
-            current = study._storage.get_trial(trial._trial_id)
+        # may have reaped meanwhile), look first; a plain success or prune needs no extra read.
+        if attempts[0] > 1 or state == TrialState.FAIL:
+            current = real._storage.get_trial(trial._trial_id)
             if current.state.is_finished():
                 return current, False
         with quiet_optuna():
             try:
-                if state == TrialState.COMPLETE and attempts[0] == 1:
-                    return _tell_complete(study, trial, value)
-                if state == TrialState.COMPLETE:
-                    return study.tell(trial, value, skip_if_finished=True), True
-                return study.tell(trial, state=state, skip_if_finished=True), True
+                if state != TrialState.FAIL and attempts[0] == 1:
+                    return _tell_finished(study, trial, state, value)
+                return real.tell(trial, value if state == TrialState.COMPLETE else None, state, True), True
             except RuntimeError as exc:  # GridSampler calls study.stop() once its grid is used up; the trial is stored
                 if "Study.stop" not in str(exc):
                     raise
-                return study._storage.get_trial(trial._trial_id), True
+                return real._storage.get_trial(trial._trial_id), True
 
     return _with_db_retry("store a trial's result", tell, max(opts.db_retry_for, 300.0), url)
 
 
-def _tell_complete(
-    study: optuna.Study, trial: optuna.Trial, value: float | None
+def _tell_finished(
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None
 ) -> tuple[optuna.trial.FrozenTrial, bool]:
-    """``study.tell(trial, value)`` without its closing re-read of the trial (six statements): the stored trial is
-    the one the worker holds, finished, as in ``Study.optimize``. (stored trial, whether this call finished it)."""
+    """``study.tell(trial, value, state)`` for a complete or pruned trial, without its closing re-read of the trial
+    (six statements): the stored trial is the one the worker holds, finished, as in ``Study.optimize`` (a pruned
+    trial's value is its last reported one, as Optuna stores it). (stored trial, whether this call finished it)"""
     from optuna.study._tell import _tell_with_warning
 
-    stored, _, _ = _tell_with_warning(
-        study, trial, value, TrialState.COMPLETE, skip_if_finished=True, suppress_warning=True
-    )
+    real = getattr(study, "_study", study)
+    try:
+        stored, values, _ = _tell_with_warning(
+            study, trial, value if state == TrialState.COMPLETE else None, state, True, suppress_warning=True
+        )
+    except optuna.exceptions.UpdateFinishedTrialError:  # read from memory as running, but reaped meanwhile
+        return real._storage.get_trial(trial._trial_id), False
     cached = getattr(trial, "_cached_frozen_trial", None)
-    if cached is None or stored != TrialState.COMPLETE:  # already finished elsewhere (reaped): what is stored
-        return study._storage.get_trial(trial._trial_id), stored == TrialState.COMPLETE
+    if cached is None or stored != state:  # already finished elsewhere (reaped): what is stored
+        return real._storage.get_trial(trial._trial_id), False
     frozen = copy.copy(cached)
-    frozen.state, frozen.values = TrialState.COMPLETE, [value]
+    frozen.state, frozen.values = state, values
     frozen.datetime_complete = datetime.datetime.now()
     return frozen, True
+
+
+def created_trial(study: optuna.Study, trial_id: int) -> optuna.trial.FrozenTrial | None:
+    """A copy of a trial :func:`take_slots` just gave this worker, as Optuna's trial cache holds it (no read), or
+    None where the cache does not hold it as running (a trial popped from the queue: read it)."""
+    cache = study._storage
+    where = getattr(cache, "_trial_id_to_study_id_and_number", {}).get(trial_id)
+    if where is None:
+        return None
+    with cache._lock:
+        frozen = cache._studies[where[0]].trials[where[1]]
+        return copy.deepcopy(frozen) if frozen.state == TrialState.RUNNING else None
 
 
 def replay(spec: StudySpec, frozen: optuna.trial.FrozenTrial) -> float:

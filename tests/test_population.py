@@ -22,6 +22,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from hpo import query
 from hpo.errors import HpoError
@@ -358,7 +359,7 @@ def test_killed_population_worker_has_all_its_trials_reaped(tmp_path: Path) -> N
             time.sleep(0.5)
             try:
                 study = optuna.load_study(study_name="pop-kill", storage=url)
-            except KeyError:
+            except (KeyError, SQLAlchemyError):  # not created yet, or the worker is creating the tables right now
                 continue
             running = [t for t in study.trials if t.state == TrialState.RUNNING]
         assert len(running) == 4
