@@ -700,7 +700,7 @@ def _tell_finished(
         return real._storage.get_trial(trial._trial_id), False
     cached = getattr(trial, "_cached_frozen_trial", None)
     if cached is None or stored != state:  # already finished elsewhere (reaped): what is stored
-        return real._storage.get_trial(trial._trial_id), False
+        return real._storage.get_trial(trial._trial_id), stored == state
     frozen = copy.copy(cached)
     frozen.state, frozen.values = state, values
     frozen.datetime_complete = datetime.datetime.now()

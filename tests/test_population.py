@@ -140,6 +140,30 @@ def test_member_trajectory_equals_torch_optim(kind: str) -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=LOSS_TOL)
 
 
+def test_a_tick_takes_more_rows_than_the_smallest_batch_for_small_models() -> None:
+    """Beside a batch-16 member, a batch-1000 member of the 41-parameter model takes 4096 // 41 = 99 rows a tick
+    (not 16), so it steps every 11 ticks, not every 63; both still end where torch.optim ends with their own batch
+    size (the batch-16 member's unused rows weigh zero)."""
+    obj = _objective(n_train=2000)
+    members = {"small": ({"optimizer": "sgd", "lr": 0.3, "batch_size": 16, "epochs": 1}, 1),
+               "large": ({"optimizer": "sgd", "lr": 0.3, "batch_size": 1000, "epochs": 1}, 2)}  # fmt: skip
+    trainer = PopulationTrainer(obj)
+    for key, (params, seed) in members.items():
+        trainer.add(key, params, seed)
+    trainer.step()
+    (group,) = trainer.groups.values()
+    assert group.min_rows == 99
+    assert dict(zip([m.key for m in group.members], group.pos.tolist(), strict=True)) == {"small": 16, "large": 99}
+    for _ in range(10):
+        trainer.step()
+    assert dict(zip([m.key for m in group.members], group.steps.tolist(), strict=True)) == {"small": 11, "large": 1}
+    final = _final_parameters(obj, members)
+    for key, (params, seed) in members.items():
+        ref = _reference(obj, "sgd", params, seed, epochs=1)
+        for a, b in zip(final[key], ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=LOSS_TOL)
+
+
 # --------------------------------------------------------------------------- members against single-trial mode
 
 
@@ -372,3 +396,55 @@ def test_killed_population_worker_has_all_its_trials_reaped(tmp_path: Path) -> N
     trials = optuna.load_study(study_name="pop-kill", storage=url).trials
     assert sum(t.state == TrialState.FAIL for t in trials) == 4
     assert sum(t.state == TrialState.WAITING for t in trials) == 4  # their copies, queued to run again
+
+
+def test_population_workers_share_a_postgres_study_with_hyperband(postgres_url: str, study_name: str) -> None:
+    """Two population workers on one PostgreSQL study with Hyperband (whose rungs are read from the database while
+    members' own trials are read from memory): exactly the budget, unique numbers, every trial finished and told
+    with its own reports, and the pruned ones carry their last reported value as Optuna stores it."""
+    from hpo.spec import parse_spec as parse
+
+    spec = parse(
+        {
+            "name": study_name,
+            "direction": "maximize",
+            "metric": "val_accuracy",
+            "objective": {
+                "kind": "training",
+                "data": {"source": "spirals", "n_train": 400, "n_val": 100, "seed": 0},
+                "model": {"kind": "mlp", "layers": [10]},
+                "loss": "mse",
+                "defaults": {"epochs": 6},
+            },
+            "space": {
+                "lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+                "batch_size": {"type": "int", "low": 16, "high": 128, "log": True},
+                "optimizer": {"choices": ["sgd", "adam"]},
+            },
+            "sampler": {"name": "tpe", "seed": 0, "kwargs": {"n_startup_trials": 5, "constant_liar": True}},
+            "pruner": {"name": "hyperband", "kwargs": {"min_resource": 1, "max_resource": 6}},
+            "budget": {"n_trials": 30},
+        }
+    )
+    results: list[Any] = []
+
+    def work() -> None:
+        opts = WorkerOptions(threads=1, population=6, handle_signals=False)
+        results.append(run_worker(spec, postgres_url, opts))
+
+    import threading
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert len(results) == 2 and sum(r.ran for r in results) == 30
+    trials = optuna.load_study(study_name=study_name, storage=postgres_url).trials
+    assert len(trials) == 30 and sorted(t.number for t in trials) == list(range(30))
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "Hyperband prunes some of 30 trials over lr 1e-4..1"
+    for t in trials:
+        assert t.intermediate_values and t.user_attrs["population"] == 6
+        assert t.value == t.intermediate_values[max(t.intermediate_values)]

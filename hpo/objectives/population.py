@@ -13,7 +13,7 @@ that tick, the others keep accumulating. ``m`` is the group's smallest batch siz
 :data:`ROW_BUDGET` / (parameters per member) rows (99 for the lesson's 41 parameters): at those sizes a tick costs
 its operations' overhead, not its rows, so a member with a smaller batch size pads its mini-batch with rows of
 weight zero, and a member with batch size 1000 does one step every 11 ticks instead of every 63 when the smallest
-batch size is 16 (the spirals study ran 1.4x faster end to end). Every step is still on exactly the member's own
+batch size is 16 (the spirals study runs 1.4x faster end to end). Every step is still on exactly the member's own
 rows, with its loss the mean over them: the same step as the single-trial loop's, up to float rounding. Grouping by
 batch size instead would leave groups of one in any study that searches batch size on a range (measured: slower).
 
