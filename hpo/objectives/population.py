@@ -52,10 +52,18 @@ from optuna.trial import TrialState
 from hpo import data as data_sources
 from hpo import space as search_space
 from hpo.errors import HpoError
-from hpo.models import cnn
+from hpo.models import ACTIVATION_FNS, cnn
 from hpo.objectives import trial_seed
-from hpo.objectives.training import METRICS, EpochResult, Loss, TrainConfig, resolve_config
-from hpo.objectives.vectorised import FuncStack, StackedMLP, StackedModel, VecOptimizer, row_correct, row_losses
+from hpo.objectives.training import METRICS, EpochResult, Loss, TrainConfig, resolve_config, set_trial_attrs
+from hpo.objectives.vectorised import (
+    OPTIMIZER_KINDS,
+    FuncStack,
+    StackedMLP,
+    StackedModel,
+    VecOptimizer,
+    row_correct,
+    row_losses,
+)
 from hpo.spec import ChoiceParam, FixedParam, StudySpec, TrainingObjective
 
 if TYPE_CHECKING:
@@ -387,9 +395,9 @@ class PopulationTrainer:
         if key in self.where:
             raise ValueError(f"member {key!r} is already training")
         cfg = resolve_config(self.obj, params)
-        if cfg.optimizer not in ("sgd", "sgd_momentum", "adam", "adamw", "rmsprop"):
+        if cfg.optimizer not in OPTIMIZER_KINDS:
             raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-        if cfg.activation not in ("relu", "tanh", "sigmoid", "gelu"):
+        if cfg.activation not in ACTIVATION_FNS:
             raise ValueError(f"unknown activation {cfg.activation!r}")
         gkey = self._group_key(cfg)
         if gkey not in self.groups:
@@ -616,7 +624,7 @@ def run_population(
     Counts into ``result`` as :func:`hpo.worker.run_worker` does. Trials still running when ``stop`` is set are
     failed and re-queued with their parameters, as the single-trial loop does with its one trial.
     """
-    from hpo.storage import retry_callback, set_trial_user_attrs
+    from hpo.storage import retry_callback
     from hpo.worker import _Heartbeats, _tell, _with_db_retry
 
     obj = spec.objective
@@ -647,10 +655,6 @@ def run_population(
         if opts.on_trial is not None:
             opts.on_trial(frozen)
 
-    def attrs(trial: optuna.Trial, values: dict[str, Any]) -> None:
-        set_trial_user_attrs(study._storage, trial._trial_id, values)
-        trial._cached_frozen_trial.user_attrs.update(values)  # the trial as told and passed on holds them
-
     def start(trial: optuna.Trial) -> None:
         live[trial.number] = _Live(trial, time.perf_counter())
         view.track(trial)
@@ -664,11 +668,11 @@ def run_population(
             values = {"seed": seed, "device": device, "threads": threads, "worker": worker_name, "population": size}
             if inherited.get("reason") is not None:  # the copy's outcome is its own
                 values["reason"] = None
-            attrs(trial, values)
+            set_trial_attrs(trial, values)
             trainer.add(trial.number, params, seed)
         except Exception as exc:  # the trial's own mistake (bad parameters): recorded, the others carry on
             log.exception("trial %d failed", trial.number)
-            attrs(trial, {"reason": "error", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            set_trial_attrs(trial, {"reason": "error", "error": f"{type(exc).__name__}: {exc}"[:500]})
             finish(trial.number, TrialState.FAIL)
 
     def refill() -> bool:
@@ -696,7 +700,7 @@ def run_population(
         for what, v in (("training", r.train_loss), ("validation", r.val_loss)):
             if not math.isfinite(v):
                 log.info("trial %d diverged: %s loss became %s in epoch %d", number, what, v, r.epoch)
-                attrs(
+                set_trial_attrs(
                     trial,
                     {
                         "reason": "diverged",
@@ -711,7 +715,7 @@ def run_population(
         value = r.metric(metric)
         reports.add(trial, value, r.epoch)
         if view.should_prune(trial):
-            attrs(trial, {"epochs_reached": r.epoch, "train_loss": item.curve, "reason": "pruned"})
+            set_trial_attrs(trial, {"epochs_reached": r.epoch, "train_loss": item.curve, "reason": "pruned"})
             finish(number, TrialState.PRUNED)
             return
         if ev.final:
@@ -724,7 +728,7 @@ def run_population(
             }
             if obj.evaluate_test:
                 values["test_accuracy"] = trainer.test_accuracy(number)
-            attrs(trial, values)
+            set_trial_attrs(trial, values)
             finish(number, TrialState.COMPLETE, value)
 
     with _Heartbeats(storage, opts.heartbeat_interval, url) as beats:

@@ -344,7 +344,7 @@ def test_accuracy(obj: TrainingObjective, model: nn.Module, device: str = "cpu")
     return evaluate(model, loss, xt, yt)[1]
 
 
-def _set_attrs(trial: optuna.trial.BaseTrial, attrs: dict[str, Any]) -> None:
+def set_trial_attrs(trial: optuna.trial.BaseTrial, attrs: dict[str, Any]) -> None:
     """A trial's user attributes, in one transaction where the trial is stored (one per key through Optuna)."""
     if isinstance(trial, optuna.Trial):
         from hpo.storage import set_trial_user_attrs
@@ -371,7 +371,7 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         value = r.metric(metric)
         trial.report(value, r.epoch)
         if trial.should_prune():
-            _set_attrs(trial, {"epochs_reached": r.epoch, "train_loss": curve, "reason": "pruned"})
+            set_trial_attrs(trial, {"epochs_reached": r.epoch, "train_loss": curve, "reason": "pruned"})
             raise optuna.TrialPruned(f"pruned at epoch {r.epoch} with {metric}={value:.4g}")
 
     try:
@@ -380,7 +380,7 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         )
     except Diverged as exc:
         attrs = {"reason": "diverged", "diverged_epoch": exc.args[1], "epochs_reached": exc.args[1] - 1}
-        _set_attrs(trial, {**attrs, "train_loss": curve})
+        set_trial_attrs(trial, {**attrs, "train_loss": curve})
         raise optuna.TrialPruned(f"diverged: {exc.args[0]}") from None
     last = history[-1]
     done: dict[str, Any] = {
@@ -392,7 +392,7 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
     }
     if obj.evaluate_test:
         done["test_accuracy"] = test_accuracy(obj, model, ctx.device)
-    _set_attrs(trial, done)
+    set_trial_attrs(trial, done)
     return last.metric(metric)
 
 

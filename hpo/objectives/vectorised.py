@@ -29,15 +29,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpo.models import mlp
+from hpo.models import ACTIVATION_FNS, mlp
 from hpo.objectives.training import activation_backward, output_loss_and_grad
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "gelu": F.gelu,
-}
 OPTIMIZER_KINDS = ("sgd", "sgd_momentum", "adam", "adamw", "rmsprop")
 RMSPROP_ALPHA = 0.99  # torch.optim.RMSprop's default, which hpo's single-trial loop uses
 EPS = 1e-8  # Adam's, AdamW's and RMSprop's default eps
@@ -89,7 +83,7 @@ class StackedMLP(StackedModel):
 
     def __init__(self, in_features: int, layers: Sequence[int], out_features: int, activation: str = "relu") -> None:
         self.sizes = [in_features, *layers, out_features]
-        self.act = ACTIVATIONS[activation]
+        self.act = ACTIVATION_FNS[activation]
         self.activation = activation
         self.shapes = []
         self.offsets: list[tuple[int, int, int, int]] = []  # weight start, bias start, in, out
