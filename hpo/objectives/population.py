@@ -33,28 +33,20 @@ that reproduces a stored metric bit for bit (``hpo evaluate``), which is why pop
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import math
-import os
-import threading
-import time
-from collections.abc import Container, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import optuna
 import torch
-from optuna.trial import TrialState
 
 from hpo import data as data_sources
-from hpo import space as search_space
 from hpo.errors import HpoError
 from hpo.models import ACTIVATION_FNS, cnn
-from hpo.objectives import trial_seed
-from hpo.objectives.training import METRICS, EpochResult, Loss, TrainConfig, resolve_config, set_trial_attrs
+from hpo.objectives.training import METRICS, EpochResult, Loss, TrainConfig, resolve_config
 from hpo.objectives.vectorised import (
     OPTIMIZER_KINDS,
     FuncStack,
@@ -65,9 +57,6 @@ from hpo.objectives.vectorised import (
     row_losses,
 )
 from hpo.spec import ChoiceParam, FixedParam, StudySpec, TrainingObjective
-
-if TYPE_CHECKING:
-    from hpo.worker import WorkerOptions, WorkerResult
 
 log = logging.getLogger(__name__)
 
@@ -474,323 +463,6 @@ def train_members(
     return history
 
 
-# --------------------------------------------------------------------------- the worker's population loop
-
-
-class _StudyView:
-    """The study as this population sees it: the trials read from the database at most once per ``ttl`` seconds,
-    overlaid with this worker's own trials as they are now (parameters as sampled, values as reported, outcome as
-    told), which are thus never stale.
-
-    Optuna's sampler and pruner read every trial of the study for each trial asked (twice, with TPE), each parameter
-    suggested and each ``should_prune``, and every such read re-reads all running trials with all their intermediate
-    values. With K members those reads, not the training, dominated a population worker's time. Members' trials
-    are built with this view as their study (``optuna.Trial(view, trial_id)``), so TPE reads through it too; other
-    workers' trials may be up to ``ttl`` seconds old, as they always are; everything else is the study's.
-    """
-
-    def __init__(self, study: optuna.Study, ttl: float = 1.0) -> None:
-        self._study, self._ttl = study, ttl
-        self._read_at = -math.inf
-        self._stored: list[optuna.trial.FrozenTrial] = []
-        self._stored_ids: set[int] = set()
-        self._own: dict[int, optuna.trial.FrozenTrial] = {}  # trial id -> the trial as this worker holds it
-        self._storage = _OwnTrials(study._storage, self._own)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def track(self, trial: optuna.Trial) -> None:
-        """A member's trial: from now on read as its ``Trial`` holds it (Optuna updates that copy on every
-        suggestion and report)."""
-        self._own[trial._trial_id] = trial._cached_frozen_trial
-
-    def created(self, trial_id: int) -> None:
-        """A trial this worker just created: ``optuna.Trial(view, trial_id)`` then starts from Optuna's cached copy
-        instead of reading it back."""
-        from hpo.worker import created_trial
-
-        frozen = created_trial(self._study, trial_id)
-        if frozen is not None:
-            self._own[trial_id] = frozen
-
-    def finished(self, frozen: optuna.trial.FrozenTrial) -> None:
-        """A member's trial as stored when it finished: pruners compare with it at once, and TPE counts it."""
-        self._own[frozen._trial_id] = frozen
-
-    def _get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
-    ) -> list[optuna.trial.FrozenTrial]:
-        if time.monotonic() - self._read_at > self._ttl:
-            self._stored = self._study._get_trials(deepcopy=False)
-            self._stored_ids = {t._trial_id for t in self._stored}
-            self._read_at = time.monotonic()
-        own = self._own
-        merged = [own.get(t._trial_id, t) for t in self._stored]
-        created = [t for i, t in own.items() if i not in self._stored_ids]  # since the read
-        merged += sorted(created, key=lambda t: t.number)
-        trials = [t for t in merged if states is None or t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
-
-    def get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None
-    ) -> list[optuna.trial.FrozenTrial]:
-        return self._get_trials(deepcopy, states)
-
-    @property
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return self._get_trials()
-
-    def should_prune(self, trial: optuna.Trial) -> bool:
-        """``trial.should_prune()``, the other trials read through the view."""
-        # Successive halving and Hyperband keep their rungs in the trial's system attributes: read those fresh.
-        rungs = isinstance(self._study.pruner, optuna.pruners.SuccessiveHalvingPruner | optuna.pruners.HyperbandPruner)
-        frozen = trial._cached_frozen_trial
-        if rungs:
-            frozen = copy.copy(self._study._storage.get_trial(trial._trial_id))
-            frozen.intermediate_values = trial._cached_frozen_trial.intermediate_values  # reports may be unstored
-        return self._study.pruner.prune(self, frozen)  # type: ignore[arg-type]
-
-
-class _OwnTrials:
-    """The study's storage, with ``get_trial`` of the worker's own trials answered from memory: Optuna reads a
-    trial back when it builds a ``Trial`` and again when it is told (two reads of six statements each per trial).
-    The database stays the judge: telling a trial that another worker reaped meanwhile fails on its state, and the
-    worker then reads what is stored (:func:`hpo.worker._tell_finished`)."""
-
-    def __init__(self, storage: optuna.storages.BaseStorage, own: dict[int, optuna.trial.FrozenTrial]) -> None:
-        self._inner, self._own = storage, own
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        own = self._own.get(trial_id)
-        return own if own is not None else self._inner.get_trial(trial_id)
-
-
-class _Reports:
-    """Members' reports (``Trial.report``), stored in batches: at most ``every`` seconds apart, and before a
-    member's trial is finished or re-queued (so it is told, and copied, with all its values). ``Trial.report`` costs
-    a transaction of four statements per report; K members report K times an epoch. Pruning never waits for the
-    database: it reads the values from the member's ``Trial`` (:meth:`_StudyView.should_prune`)."""
-
-    def __init__(self, storage: optuna.storages.BaseStorage, every: float = 1.0) -> None:
-        self.storage, self.every = storage, every
-        self.pending: list[tuple[int, int, float]] = []
-        self.stored_at = time.monotonic()
-
-    def add(self, trial: optuna.Trial, value: float, step: int) -> None:
-        value = float(value)
-        trial._cached_frozen_trial.intermediate_values[step] = value  # as Trial.report keeps its copy
-        self.pending.append((trial._trial_id, step, value))
-        if time.monotonic() - self.stored_at >= self.every:
-            self.store()
-
-    def store(self) -> None:
-        from hpo.storage import store_intermediate_values
-
-        if self.pending:
-            store_intermediate_values(self.storage, self.pending)
-            self.pending = []
-        self.stored_at = time.monotonic()
-
-
-@dataclass
-class _Live:
-    trial: optuna.Trial
-    started: float
-    curve: list[float] = field(default_factory=list)
-
-
-def run_population(
-    study: optuna.Study,
-    spec: StudySpec,
-    size: int,
-    *,
-    storage: optuna.storages.RDBStorage,
-    url: str,
-    opts: WorkerOptions,
-    stop: threading.Event,
-    result: WorkerResult,
-    budget: int | None,
-    timeout: float | None,
-    started: float,
-    device: str,
-    threads: int,
-) -> None:
-    """Train the study's trials ``size`` at a time until the budget is met, the timeout passes or ``stop`` is set.
-
-    Counts into ``result`` as :func:`hpo.worker.run_worker` does. Trials still running when ``stop`` is set are
-    failed and re-queued with their parameters, as the single-trial loop does with its one trial.
-    """
-    from hpo.storage import retry_callback
-    from hpo.worker import _Heartbeats, _tell, _with_db_retry
-
-    obj = spec.objective
-    assert isinstance(obj, TrainingObjective)
-    metric = spec.metric
-    trainer = PopulationTrainer(obj, device)
-    live: dict[int, _Live] = {}
-    view = _StudyView(study)
-    reports = _Reports(study._storage)
-    worker_name = f"{os.uname().nodename}:{os.getpid()}"
-    asking = True
-
-    def finish(number: int, state: TrialState, value: float | None = None) -> None:
-        _with_db_retry("store reports", reports.store, max(opts.db_retry_for, 300.0), url)
-        item = live.pop(number)
-        beats.discard(item.trial._trial_id)
-        trainer.remove(number)
-        frozen, _ = _tell(view, item.trial, state, value, opts, url)  # type: ignore[arg-type]
-        view.finished(frozen)
-        result.ran += 1
-        result.trials.append(frozen.number)
-        if frozen.state == TrialState.COMPLETE:
-            result.complete += 1
-        elif frozen.state == TrialState.PRUNED:
-            result.pruned += 1
-        else:
-            result.failed += 1
-        if opts.on_trial is not None:
-            opts.on_trial(frozen)
-
-    def start(trial: optuna.Trial) -> None:
-        live[trial.number] = _Live(trial, time.perf_counter())
-        view.track(trial)
-        beats.add(trial._trial_id)
-        # A re-queued copy carries its original's attributes; the trial as asked for holds them (no extra read).
-        cached = getattr(trial, "_cached_frozen_trial", None)
-        inherited = cached.user_attrs if cached is not None else trial.user_attrs
-        try:
-            params = search_space.suggest(trial, spec.space)
-            seed = int(inherited.get("seed", trial_seed(spec, trial.number)))
-            values = {"seed": seed, "device": device, "threads": threads, "worker": worker_name, "population": size}
-            if inherited.get("reason") is not None:  # the copy's outcome is its own
-                values["reason"] = None
-            set_trial_attrs(trial, values)
-            trainer.add(trial.number, params, seed)
-        except Exception as exc:  # the trial's own mistake (bad parameters): recorded, the others carry on
-            log.exception("trial %d failed", trial.number)
-            set_trial_attrs(trial, {"reason": "error", "error": f"{type(exc).__name__}: {exc}"[:500]})
-            finish(trial.number, TrialState.FAIL)
-
-    def refill() -> bool:
-        """Ask for trials to fill the free slots; False once none can be had (budget met, grid done, timeout)."""
-        want = size - len(live)
-        if want <= 0:
-            return True
-        if timeout is not None and time.monotonic() - started >= timeout:
-            result.reason = "timeout"
-            return False
-        if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
-            result.reason = "grid exhausted"
-            return False
-        trials = _with_db_retry(
-            "ask for trials", lambda: _ask(view, spec.name, budget, storage, opts, want), opts.db_retry_for, url
-        )
-        for t in trials:
-            start(t)
-        return len(trials) == want
-
-    def on_event(ev: Event) -> None:
-        number = int(ev.key)  # type: ignore[call-overload]
-        item, r = live[number], ev.result
-        trial = item.trial
-        for what, v in (("training", r.train_loss), ("validation", r.val_loss)):
-            if not math.isfinite(v):
-                log.info("trial %d diverged: %s loss became %s in epoch %d", number, what, v, r.epoch)
-                set_trial_attrs(
-                    trial,
-                    {
-                        "reason": "diverged",
-                        "diverged_epoch": r.epoch,
-                        "epochs_reached": r.epoch - 1,
-                        "train_loss": item.curve,
-                    },
-                )
-                finish(number, TrialState.PRUNED)
-                return
-        item.curve.append(round(r.train_loss, 6))
-        value = r.metric(metric)
-        reports.add(trial, value, r.epoch)
-        if view.should_prune(trial):
-            set_trial_attrs(trial, {"epochs_reached": r.epoch, "train_loss": item.curve, "reason": "pruned"})
-            finish(number, TrialState.PRUNED)
-            return
-        if ev.final:
-            values: dict[str, Any] = {
-                "epochs_reached": r.epoch,
-                "train_loss": item.curve,
-                "val_loss": round(r.val_loss, 6),
-                "val_accuracy": round(r.val_accuracy, 6),
-                "train_seconds": round(time.perf_counter() - item.started, 3),
-            }
-            if obj.evaluate_test:
-                values["test_accuracy"] = trainer.test_accuracy(number)
-            set_trial_attrs(trial, values)
-            finish(number, TrialState.COMPLETE, value)
-
-    with _Heartbeats(storage, opts.heartbeat_interval, url) as beats:
-        try:
-            while True:
-                if asking and not stop.is_set() and len(live) < size:
-                    asking = refill()
-                if not live or stop.is_set():
-                    break
-                for ev in trainer.step():
-                    on_event(ev)
-        except BaseException:
-            with contextlib.suppress(Exception):  # the database may be what failed
-                reports.store()
-            for number in list(live):  # a bug or a database lost for good: these trials run again elsewhere
-                _requeue(study, live[number].trial, "error", opts, url, retry_callback)
-                _drop(live, beats, trainer, number, result)
-            raise
-        if stop.is_set():
-            _with_db_retry("store reports", reports.store, max(opts.db_retry_for, 300.0), url)
-            for number in list(live):
-                _requeue(study, live[number].trial, "interrupted", opts, url, retry_callback)
-                _drop(live, beats, trainer, number, result)
-            result.interrupted = True
-
-
-def _drop(live: dict[int, _Live], beats: Any, trainer: PopulationTrainer, number: int, result: Any) -> None:
-    item = live.pop(number)
-    beats.discard(item.trial._trial_id)
-    trainer.remove(number)
-    result.ran += 1
-    result.failed += 1
-    result.trials.append(number)
-
-
-def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str, opts: Any, url: str, callback: Any) -> None:
-    """Fail a running member's trial with ``reason`` and queue its parameters again (as the single loop does)."""
-    from hpo.worker import _tell, _with_db_retry
-
-    _with_db_retry(
-        "record a trial's outcome", lambda: trial.set_user_attr("reason", reason), max(opts.db_retry_for, 300.0), url
-    )
-    frozen, told = _tell(study, trial, TrialState.FAIL, None, opts, url)
-    if told:
-        _with_db_retry("re-queue the trial", lambda: callback(None)(study, frozen), max(opts.db_retry_for, 300.0), url)
-
-
-def _ask(
-    view: _StudyView, name: str, budget: int | None, storage: optuna.storages.RDBStorage, opts: Any, want: int
-) -> list[optuna.Trial]:
-    """Up to ``want`` new trials; their slots are taken inside the budget lock, so the global budget is never
-    exceeded, and the sampler draws outside it (:func:`hpo.worker.take_slots`), reading the study through ``view``."""
-    from hpo.storage import quiet_optuna
-    from hpo.worker import take_slots
-
-    ids, _ = take_slots(view._study, name, budget, storage, opts, want)
-    for trial_id in ids:
-        view.created(trial_id)
-    with quiet_optuna():
-        return [optuna.Trial(view, trial_id) for trial_id in ids]  # type: ignore[arg-type]
-
-
 __all__ = [
     "AUTO_MAX_PARAMS",
     "AUTO_SIZE",
@@ -799,6 +471,5 @@ __all__ = [
     "PopulationTrainer",
     "largest_model",
     "population_size",
-    "run_population",
     "train_members",
 ]

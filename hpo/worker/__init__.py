@@ -1,0 +1,45 @@
+"""The pull loops, both on one lease: create a study once, then any number of workers pull trials until its global
+budget is met.
+
+* :mod:`hpo.worker.lease`: a trial's lease on the shared database (slot under the budget lock, heartbeats, tell
+  exactly once, re-queue at most once per failure, reap); the only code that decides a trial's fate.
+* :mod:`hpo.worker.single`: one trial at a time (any objective).
+* :mod:`hpo.worker.population`: K small trials at a time, stacked.
+* :mod:`hpo.worker.study`: creating and loading a study with its study file.
+"""
+
+from __future__ import annotations
+
+from hpo.worker.lease import (
+    COUNTED,
+    FINISHED,
+    budget_used,
+    count_budget,
+    created_trial,
+    reap,
+    requeued_numbers,
+    take_slots,
+)
+from hpo.worker.options import WorkerOptions, WorkerResult, default_threads
+from hpo.worker.single import run_worker
+from hpo.worker.study import SPEC_ATTR, check_agrees, create, load, replay
+
+__all__ = [
+    "COUNTED",
+    "FINISHED",
+    "SPEC_ATTR",
+    "WorkerOptions",
+    "WorkerResult",
+    "budget_used",
+    "check_agrees",
+    "count_budget",
+    "create",
+    "created_trial",
+    "default_threads",
+    "load",
+    "reap",
+    "replay",
+    "requeued_numbers",
+    "run_worker",
+    "take_slots",
+]

@@ -1,0 +1,48 @@
+"""What a worker is told (:class:`WorkerOptions`) and what it reports (:class:`WorkerResult`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import optuna
+
+
+@dataclass
+class WorkerOptions:
+    """How one worker runs. Defaults suit one worker on this machine."""
+
+    heartbeat_interval: int | None = 10
+    grace_period: int | None = None  # None: Optuna's default, 2 x heartbeat_interval
+    max_retry: int = 2
+    threads: int | None = None
+    device: str = "cpu"
+    n_trials: int | None = None  # override the study's budget
+    timeout: float | None = None
+    db_retry_for: float = 120.0
+    max_consecutive_failures: int = 5
+    handle_signals: bool = True
+    #: Added to a seeded sampler's seed so that workers sharing a study draw different points.
+    #: ``None``: this process's id (for independent ``hpo worker`` processes); 0 keeps the file's seed exactly.
+    seed_offset: int | None = 0
+    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None
+    #: Trials trained at once, stacked (``hpo.objectives.population``); None: the study file's, else 1; or "auto".
+    population: int | str | None = None
+
+
+@dataclass
+class WorkerResult:
+    ran: int = 0
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    reason: str = ""
+    trials: list[int] = field(default_factory=list)
+
+
+def default_threads(local_workers: int = 1) -> int:
+    """Torch threads per worker so that ``local_workers`` workers do not oversubscribe this machine's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_workers))

@@ -1,0 +1,277 @@
+"""The single-trial pull loop: one trial at a time, any objective, until the study's budget is met.
+
+Signals. The first SIGTERM/SIGINT stops the running trial at its next step; it is failed and re-queued, and the
+worker exits 0. A second signal exits at once (status 130); heartbeats then reap the trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo import space as search_space
+from hpo.errors import HpoError
+from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_seed
+from hpo.samplers import make_sampler
+from hpo.spec import StudySpec
+from hpo.storage import describe_error, open_storage, quiet_optuna, retry_callback, set_trial_user_attrs
+from hpo.worker.lease import Heartbeats, is_db_error, take_slots, tell, with_db_retry
+from hpo.worker.options import WorkerOptions, WorkerResult, default_threads
+from hpo.worker.study import create, load
+
+log = logging.getLogger(__name__)
+
+
+class _Signals:
+    """First signal: stop after (interrupting) the current trial. Second: exit at once."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set():
+            os._exit(130)
+        log.warning("received %s: finishing the current trial, then stopping", signal.Signals(signum).name)
+        self.stop.set()
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def run_worker(
+    study_or_spec: str | StudySpec,
+    storage_url: str,
+    options: WorkerOptions | None = None,
+    stop: threading.Event | None = None,
+) -> WorkerResult:
+    """Pull trials of one study until its budget is met, the timeout passes, or a signal arrives.
+
+    Args:
+        study_or_spec: a study name (its file is read from the storage) or a parsed study file (created if new).
+        storage_url: SQLAlchemy URL of the shared storage.
+        options: see :class:`WorkerOptions`.
+        stop: set it to stop the worker as a signal would.
+    """
+    opts = options or WorkerOptions()
+    stop = stop or threading.Event()
+    storage = open_storage(
+        storage_url,
+        heartbeat_interval=opts.heartbeat_interval,
+        grace_period=opts.grace_period,
+        max_retry=opts.max_retry,
+        retry_for=min(opts.db_retry_for, 30.0),
+    )
+    if isinstance(study_or_spec, StudySpec):
+        with_db_retry(
+            "create the study", lambda: create(study_or_spec, storage_url, storage), opts.db_retry_for, storage_url
+        )
+        name = study_or_spec.name
+    else:
+        name = study_or_spec
+    study, spec = with_db_retry("load the study", lambda: load(name, storage), opts.db_retry_for, storage_url)
+    if isinstance(study_or_spec, StudySpec):
+        spec = study_or_spec
+    if spec.sampler.seed is not None:
+        offset = os.getpid() if opts.seed_offset is None else opts.seed_offset
+        if offset:
+            seeded = spec.model_copy(
+                update={"sampler": spec.sampler.model_copy(update={"seed": spec.sampler.seed + offset})}
+            )
+            study.sampler = make_sampler(seeded)
+    objective = resolve(spec.objective.kind)
+    device = resolve_device(opts.device if opts.device != "cpu" else getattr(spec.objective, "device", "cpu"))
+    threads = opts.threads or getattr(spec.objective, "threads", None) or default_threads()
+    _set_threads(threads)
+    budget = opts.n_trials if opts.n_trials is not None else spec.budget.n_trials
+    timeout = opts.timeout if opts.timeout is not None else spec.budget.timeout
+    started = time.monotonic()
+    result = WorkerResult()
+    failures = 0
+
+    with _Signals(stop) if opts.handle_signals else contextlib.nullcontext():
+        size = _population_size(spec, opts.population)
+        if size > 1:  # population mode (issue 8) runs to the budget; the loop below then finds it met
+            from hpo.worker.population import run_population
+
+            run_population(
+                study, spec, size, storage=storage, url=storage_url, opts=opts, stop=stop, result=result,
+                budget=budget, timeout=timeout, started=started, device=device, threads=threads,
+            )  # fmt: skip
+        while not stop.is_set():
+            if timeout is not None and time.monotonic() - started >= timeout:
+                result.reason = "timeout"
+                break
+            if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
+                result.reason = "grid exhausted"
+                break
+            trial = with_db_retry(
+                "ask for a trial",
+                lambda: _next_trial(study, name, budget, storage, opts, stop),
+                opts.db_retry_for,
+                storage_url,
+            )
+            if trial is None:
+                result.reason = result.reason or "budget met"
+                break
+            frozen, outcome = _run_one(study, trial, spec, objective, device, threads, stop, opts, storage_url)
+            result.ran += 1
+            result.trials.append(frozen.number)
+            if frozen.state == TrialState.COMPLETE:
+                result.complete += 1
+                failures = 0
+            elif frozen.state == TrialState.PRUNED:
+                result.pruned += 1
+                failures = 0
+            else:
+                result.failed += 1
+                if outcome == "interrupted":
+                    result.interrupted = True
+                    break
+                if outcome == "requeued":  # a database error, not the objective's fault
+                    continue
+                failures += 1
+                if failures >= opts.max_consecutive_failures:
+                    raise HpoError(
+                        f"{failures} trials failed in a row; last error: {frozen.user_attrs.get('error', 'unknown')}"
+                    )
+            if opts.on_trial is not None:
+                opts.on_trial(frozen)
+    if stop.is_set():
+        result.interrupted = True
+        result.reason = "stopped by signal"
+    return result
+
+
+def _population_size(spec: StudySpec, requested: int | str | None) -> int:
+    if requested is None and spec.population is None and spec.objective.kind != "training":
+        return 1  # not even importing torch for users' own objectives
+    from hpo.objectives.population import population_size
+
+    return population_size(spec, requested)
+
+
+def _set_threads(threads: int) -> None:
+    """Torch's intra-op threads, where the objective uses torch (it imported torch when it was resolved)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+def _next_trial(
+    study: optuna.Study,
+    name: str,
+    budget: int | None,
+    storage: optuna.storages.RDBStorage,
+    opts: WorkerOptions,
+    stop: threading.Event,
+) -> optuna.Trial | None:
+    """The next trial within the budget, or None when the budget is taken and nothing runs."""
+    while not stop.is_set():
+        ids, running = take_slots(study, name, budget, storage, opts)
+        if ids:
+            with quiet_optuna():
+                return optuna.Trial(study, ids[0])
+        if running == 0 or opts.heartbeat_interval is None:
+            return None
+        # The budget is taken, but trials still run: wait for them, reaping any whose worker died.
+        stop.wait(min(1.0, opts.heartbeat_interval / 2))
+    return None
+
+
+def _run_one(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    spec: StudySpec,
+    objective: Any,
+    device: str,
+    threads: int,
+    stop: threading.Event,
+    opts: WorkerOptions,
+    url: str,
+) -> tuple[optuna.trial.FrozenTrial, str]:
+    """Run one trial and store its outcome: ``"done"``, ``"interrupted"`` or ``"requeued"`` (database error).
+
+    An interrupted trial, or one whose database calls failed mid-run, is failed and re-queued with its parameters.
+    """
+    state = TrialState.FAIL
+    value: float | None = None
+    outcome = "done"
+    reason: str | None = None
+    error: str | None = None
+    with Heartbeats(study._storage, opts.heartbeat_interval, url) as beats:
+        beats.add(trial._trial_id)
+        try:
+            # A re-queued copy carries its original's attributes; the trial as asked for holds them (no extra read).
+            cached = getattr(trial, "_cached_frozen_trial", None)
+            inherited = cached.user_attrs if cached is not None else trial.user_attrs
+            params = search_space.suggest(trial, spec.space)
+            seed = int(inherited.get("seed", trial_seed(spec, trial.number)))
+            attrs: dict[str, Any] = {
+                "seed": seed,
+                "device": device,
+                "threads": threads,
+                "worker": f"{os.uname().nodename}:{os.getpid()}",
+            }
+            if inherited.get("reason") is not None:  # the copy's outcome is its own
+                attrs["reason"] = None
+            set_trial_user_attrs(study._storage, trial._trial_id, attrs, replace=bool(inherited.keys() & attrs.keys()))
+            if cached is not None:
+                cached.user_attrs.update(attrs)
+            ctx = Context(spec=spec, params=params, seed=seed, threads=threads, device=device, stop=stop)
+            value = float(objective(trial, ctx))
+            if math.isnan(value):
+                reason = "objective returned NaN"
+                state = TrialState.PRUNED
+            else:
+                state = TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except Interrupted:
+            outcome, reason = "interrupted", "interrupted"
+        except HpoError:
+            tell(study, trial, TrialState.FAIL, None, opts, url)
+            raise
+        except Exception as exc:
+            if is_db_error(exc):  # the database went away mid-trial: run the trial again later
+                error = describe_error(exc.__cause__ or exc, url)
+                log.warning("database error during trial %d (%s); re-queueing it", trial.number, error)
+                outcome, reason = "requeued", "database error"
+            else:  # the objective's own failure: recorded, the worker carries on
+                log.exception("trial %d failed", trial.number)
+                reason, error = "error", f"{type(exc).__name__}: {exc}"[:500]
+    if reason is not None or error is not None:
+
+        def record() -> None:
+            if reason is not None:
+                trial.set_user_attr("reason", reason)
+            if error is not None:
+                trial.set_user_attr("error", error)
+
+        with_db_retry("record a trial's outcome", record, max(opts.db_retry_for, 300.0), url)
+    frozen, told = tell(study, trial, state, value if state == TrialState.COMPLETE else None, opts, url)
+    if outcome != "done" and told:  # not when another worker already reaped (and re-queued) it
+        with_db_retry(
+            "re-queue the trial",
+            lambda: retry_callback(None)(study, frozen),
+            max(opts.db_retry_for, 300.0),
+            url,
+        )
+    return frozen, outcome

@@ -1,0 +1,111 @@
+"""Creating and loading an hpo study: the study file stored with it, checked against the file a worker brings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+import hpo
+from hpo import space as search_space
+from hpo.errors import StudyError
+from hpo.objectives import Context, resolve, resolve_device, trial_seed
+from hpo.pruners import make_pruner
+from hpo.samplers import make_sampler
+from hpo.spec import StudySpec, parse_spec
+from hpo.storage import budget_lock, open_storage, quiet_optuna
+
+SPEC_ATTR = "hpo:spec"
+
+
+def create(
+    spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None, **storage_kwargs: Any
+) -> optuna.Study:
+    """Create the study once (idempotent); store the study file with it; enqueue its baseline trials once.
+
+    Safe when many workers start at once with the same file: the file is stored and its trials enqueued under the
+    study's budget lock, by the first worker only.
+
+    Raises:
+        StudyError: the study exists and its stored search space or direction differs from the file's.
+    """
+    storage = storage if storage is not None else open_storage(storage_url, **storage_kwargs)
+    with quiet_optuna():
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=storage,
+            direction=spec.direction,
+            sampler=make_sampler(spec),
+            pruner=make_pruner(spec.pruner),
+            load_if_exists=True,
+        )
+    with budget_lock(storage, spec.name):
+        _store_spec(spec, study)
+    return study
+
+
+def _store_spec(spec: StudySpec, study: optuna.Study) -> None:
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
+        study.set_user_attr("sampler", spec.sampler.model_dump(mode="json"))
+        study.set_user_attr("pruner", spec.pruner.model_dump(mode="json"))
+        study.set_user_attr("budget", spec.budget.model_dump(mode="json"))
+        study.set_user_attr("metric", spec.metric)
+        study.set_user_attr("hpo_version", hpo.__version__)
+        for params in spec.enqueue:
+            study.enqueue_trial(search_space.encode_params(params), user_attrs={"enqueued": True}, skip_if_exists=True)
+    else:
+        check_agrees(spec, parse_spec(stored, f"stored study {spec.name!r}"), study)
+
+
+def check_agrees(spec: StudySpec, stored: StudySpec, study: optuna.Study) -> None:
+    """A study file must describe the stored study: same direction, metric and search space."""
+    if study.direction.name.lower() != spec.direction:
+        raise StudyError(
+            f"study {spec.name!r} is stored with direction {study.direction.name.lower()}, the file says {spec.direction}"
+        )
+    if stored.metric != spec.metric:
+        raise StudyError(
+            f"study {spec.name!r}: the file's metric {spec.metric!r} differs from the stored {stored.metric!r}"
+        )
+    mine, theirs = search_space.distributions(spec.space), search_space.distributions(stored.space)
+    for name in sorted(set(mine) | set(theirs)):
+        if mine.get(name) != theirs.get(name):
+            raise StudyError(
+                f"study {spec.name!r}: the file's space.{name} differs from the stored study's "
+                f"(file: {mine.get(name)}, stored: {theirs.get(name)}); use a new study name"
+            )
+
+
+def load(study_name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, StudySpec]:
+    """Load a study created by hpo, with the study file stored in it."""
+    try:
+        summary = optuna.study.load_study(
+            study_name=study_name, storage=storage, sampler=optuna.samplers.RandomSampler()
+        )
+    except KeyError:
+        raise StudyError(f"no study named {study_name!r} in this storage") from None
+    stored = summary.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        raise StudyError(
+            f"study {study_name!r} was not created by hpo (no stored study file); run it with a study file"
+        )
+    spec = parse_spec(stored, f"stored study {study_name!r}")
+    study = optuna.load_study(
+        study_name=study_name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec.pruner)
+    )
+    return study, spec
+
+
+def replay(spec: StudySpec, frozen: optuna.trial.FrozenTrial) -> float:
+    """Run a stored trial again with its parameters and seed, outside the study (nothing is stored).
+
+    On the CPU the result equals the stored value exactly.
+    """
+    params = search_space.suggest(optuna.trial.FixedTrial(frozen.params, frozen.number), spec.space)
+    seed = int(frozen.user_attrs.get("seed", trial_seed(spec, frozen.number)))
+    ctx = Context(
+        spec=spec, params=params, seed=seed, threads=None, device=resolve_device(frozen.user_attrs.get("device", "cpu"))
+    )
+    return float(resolve(spec.objective.kind)(optuna.trial.FixedTrial(frozen.params, frozen.number), ctx))
