@@ -5,9 +5,11 @@ Users' mistakes (:class:`hpo.errors.HpoError`) print one line, ``error: ...``, o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +46,11 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="Torch threads per worker (
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (one worker per GPU).")]
 HeartbeatOpt = Annotated[int, typer.Option(help="Seconds between heartbeats of a running trial.")]
 GraceOpt = Annotated[
-    int | None, typer.Option(help="Seconds without heartbeat before a trial is stale (default 2 x heartbeat).")
+    int | None,
+    typer.Option(
+        help="Seconds without heartbeat before a trial is stale: stored with a new study (default 2 x heartbeat); "
+        "an existing study keeps its own (hpo grace STUDY SECONDS)."
+    ),
 ]
 RetryOpt = Annotated[int, typer.Option(help="How often a stale or interrupted trial is re-queued.")]
 PopulationOpt = Annotated[
@@ -130,7 +136,7 @@ def run(
 
     spec = load_spec(study_file)
     url = resolve_url(storage, spec.storage)
-    create(spec, url)
+    create(spec, url, grace=grace if grace is not None else 2 * heartbeat)
     budget = n_trials if n_trials is not None else spec.budget.n_trials
     threads = threads or default_threads(workers)
     with _progress(spec.name, url, budget) as poll:
@@ -188,17 +194,30 @@ def _run_processes(
     if population is not None:
         cmd += ["--population", population]
     env = {**os.environ, "HPO_STORAGE": url}  # never on a command line, where ps shows it
-    procs = [subprocess.Popen([*cmd, "--seed-offset", str(i)], env=env) for i in range(workers)]
-    stopped = False
+    # Own process groups: a Ctrl-C reaches the workers once, forwarded, not twice (which would exit them at once).
+    procs = [subprocess.Popen([*cmd, "--seed-offset", str(i)], env=env, start_new_session=True) for i in range(workers)]
+    received: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:  # SIGTERM/SIGINT: to every worker; then wait for them
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while any(p.poll() is None for p in procs):
-            poll()
+            with contextlib.suppress(Exception):  # the progress bar's database may be away; the workers cope
+                poll()
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        stopped = True
-        for p in procs:
-            p.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stopped = bool(received)
     codes = [p.returncode for p in procs]
+    if stopped and all(c in (0, -signal.SIGINT, 130) for c in codes):
+        return stopped
     if any(c not in (0, None) for c in codes):
         raise HpoError(f"a worker exited with status {max(c for c in codes if c)}; see its message above")
     return stopped
@@ -275,15 +294,16 @@ def _summary(name: str, url: str) -> None:
 
 @app.command()
 @_user_errors
-def create(study_file: Path, storage: StorageOpt = None) -> None:
-    """Create a study from its file, once (idempotent); its sampler, pruner and budget are stored with it."""
+def create(study_file: Path, storage: StorageOpt = None, grace: GraceOpt = None) -> None:
+    """Create a study from its file, once (idempotent); its sampler, pruner, budget and grace period are stored
+    with it."""
     from hpo.spec import load_spec
     from hpo.storage import mask, resolve_url
     from hpo.worker import create as create_study
 
     spec = load_spec(study_file)
     url = resolve_url(storage, spec.storage)
-    create_study(spec, url)
+    create_study(spec, url, grace=grace)
     out.print(f"study {spec.name} ready in {mask(url)}", highlight=False)
 
 
@@ -300,6 +320,10 @@ def worker(
     grace: GraceOpt = None,
     max_retry: RetryOpt = 2,
     db_retry_for: Annotated[float, typer.Option(help="Seconds to keep retrying an unavailable database.")] = 120.0,
+    stop_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds after SIGTERM before a trial that did not stop is re-queued and the worker exits."),
+    ] = 30.0,
     seed_offset: Annotated[
         int | None, typer.Option(help="Added to the sampler's seed (default: the process id, so workers differ).")
     ] = None,
@@ -319,6 +343,7 @@ def worker(
         n_trials=n_trials,
         timeout=timeout,
         db_retry_for=db_retry_for,
+        stop_timeout=stop_timeout,
         seed_offset=seed_offset,
         population=population,
     )
@@ -340,7 +365,8 @@ def reap(
     grace: GraceOpt = None,
     max_retry: RetryOpt = 2,
 ) -> None:
-    """Fail running trials whose worker stopped sending heartbeats, and re-queue them."""
+    """Fail running trials whose worker stopped sending heartbeats for the study's grace period (or --grace), and
+    re-queue them."""
     import optuna
 
     from hpo.storage import open_storage
@@ -350,9 +376,26 @@ def reap(
     _, url, name = _spec_and_url(study, storage)
     st = open_storage(url, heartbeat_interval=heartbeat, grace_period=grace, max_retry=max_retry)
     s, _ = load(name, st)
-    reaped = hpo_reap(s)
+    reaped = hpo_reap(s, grace)
     running = len(s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
     out.print(f"reaped {len(reaped)} stale trial(s); {running} still running")
+
+
+@app.command("grace")
+@_user_errors
+def grace_period(
+    study: Annotated[str, typer.Argument(help="Study name or file.")],
+    seconds: Annotated[float, typer.Argument(help="Seconds without a heartbeat before a running trial is reaped.")],
+    storage: StorageOpt = None,
+) -> None:
+    """Set a study's grace period, which every worker and hpo reap use (workers read it at their next reap)."""
+    from hpo.storage import open_storage
+    from hpo.worker import load, set_grace
+
+    _, url, name = _spec_and_url(study, storage)
+    s, _ = load(name, open_storage(url))
+    set_grace(s, seconds)
+    out.print(f"study {name}: grace period {seconds:g} s", highlight=False)
 
 
 @app.command()

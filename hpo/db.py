@@ -12,8 +12,11 @@ Two roles, each granted the least it needs on Optuna's tables and nothing else:
   ``version_info`` and ``alembic_version`` (the schema version, written once by ``hpo db init``). On PostgreSQL also
   ``USAGE`` on the sequences behind Optuna's serial ids (``nextval`` for INSERT), ``CONNECT`` on the database and
   ``USAGE`` on the schema. No ``CREATE``, no ``TRUNCATE``, no ``DROP``, no ``REFERENCES``, no ``TRIGGER``.
+  ``SELECT, INSERT, UPDATE`` on hpo's own ``hpo_budget_locks`` (:data:`hpo.storage.LOCK_TABLE`): the studies'
+  budget locks are row locks there.
 * the **analyst** role (``hpo studies/trials/best/importance/check/report/dashboard``): ``SELECT`` on the same
-  tables, ``CONNECT``/``USAGE`` on PostgreSQL, and there every session of the role starts in READ ONLY transactions
+  tables except ``hpo_budget_locks`` (nothing there: a role that can read a row can lock it on MariaDB, and a
+  budget lock held by an analyst would stall every worker), ``CONNECT``/``USAGE`` on PostgreSQL, and there every session of the role starts in READ ONLY transactions
   (``ALTER ROLE ... SET default_transaction_read_only = on``).
 
 ``hpo db init`` is idempotent: it creates the Optuna tables (through :func:`hpo.storage.open_storage`), creates
@@ -43,7 +46,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from hpo.errors import HpoError
-from hpo.storage import describe_error, mask, open_storage
+from hpo.storage import LOCK_TABLE, describe_error, mask, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,8 @@ def worker_grants(tables: list[str], sequences: tuple[str, ...] = ()) -> Grants:
 
 
 def analyst_grants(tables: list[str]) -> Grants:
-    """The analyst role's privileges: SELECT on every Optuna table."""
-    return Grants({t: ("SELECT",) for t in tables})
+    """The analyst role's privileges: SELECT on every Optuna table (none on the budget locks)."""
+    return Grants({t: ("SELECT",) for t in tables if t != LOCK_TABLE})
 
 
 def _check_role(role: Role, admin_user: str | None) -> None:
@@ -151,7 +154,7 @@ def init_roles(url: str, worker: Role, analyst: Role, *, mysql_host: str = "%") 
     try:
         with engine.begin() as conn:
             present = set(sqlalchemy.inspect(conn).get_table_names())
-            tables = [t for t in optuna_tables() if t in present]
+            tables = [t for t in [*optuna_tables(), LOCK_TABLE] if t in present]
             if backend == "postgresql":
                 return _init_postgres(conn, tables, worker, analyst)
             return _init_mysql(conn, tables, worker, analyst, parsed.database or "", mysql_host)
@@ -287,7 +290,8 @@ def _init_mysql(
             except DBAPIError as exc:  # 1141/1147: nothing granted there yet
                 if getattr(exc.orig, "args", (None,))[0] not in (1141, 1147):
                     raise
-            _run(conn, f"GRANT {', '.join(grants.tables[t])} ON {target} TO {user}")
+            if t in grants.tables:
+                _run(conn, f"GRANT {', '.join(grants.tables[t])} ON {target} TO {user}")
         log.info("user %s@%s: %s", role.name, host, summary(grants))
     return result
 

@@ -25,7 +25,6 @@ import logging
 import os
 import sqlite3
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,13 +122,37 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     }
     backend = parsed.get_backend_name()
     if backend == "postgresql":
-        kwargs["connect_args"] = {"connect_timeout": 5}
+        kwargs["connect_args"] = {"connect_timeout": 5, **_pg_prepare_threshold(parsed)}
         if "application_name" not in parsed.query:  # one name per process: pg_stat_activity shows each worker's share
             kwargs["connect_args"]["application_name"] = f"hpo:{os.getpid()}"
     elif backend == "mysql":
         kwargs["pool_recycle"] = 3600
         kwargs["connect_args"] = {"connect_timeout": 5}
     return kwargs
+
+
+def _pg_prepare_threshold(parsed: URL) -> dict[str, Any]:
+    """``?prepare_threshold=N`` (or ``none``) on a ``postgresql+psycopg`` URL, as psycopg 3 takes it (an int or
+    None; SQLAlchemy would pass the URL's text). ``none`` turns prepared statements off, as PgBouncer in
+    transaction pooling mode needs; so does ``HPO_PG_PREPARE_THRESHOLD=none``."""
+    raw = parsed.query.get("prepare_threshold", os.environ.get("HPO_PG_PREPARE_THRESHOLD"))
+    if raw is None or parsed.get_driver_name() != "psycopg":
+        return {}
+    text = (raw[-1] if isinstance(raw, tuple) else raw).strip().lower()
+    if text in ("none", "null", "off", ""):
+        return {"prepare_threshold": None}
+    try:
+        return {"prepare_threshold": int(text)}
+    except ValueError:
+        raise StorageError(f"prepare_threshold={text!r} in the storage URL: use a number or none") from None
+
+
+def _without_prepare_threshold(url: str) -> str:
+    """The URL without ``prepare_threshold`` (passed as a connect argument instead, see :func:`engine_kwargs`)."""
+    parsed = _parse(url)
+    if "prepare_threshold" not in parsed.query:
+        return url
+    return parsed.difference_update_query(["prepare_threshold"]).render_as_string(hide_password=False)
 
 
 def _prepare_sqlite(parsed: URL, read_only: bool) -> None:
@@ -256,7 +279,7 @@ def open_storage(
         try:
             with _quiet_optuna():
                 storage = optuna.storages.RDBStorage(
-                    url,
+                    _without_prepare_threshold(url),
                     engine_kwargs=engine_kwargs(url),
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
@@ -269,6 +292,8 @@ def open_storage(
                 storage.engine.dispose()  # connections opened while creating the tables: reopened with the pragma
             elif not _is_sqlite(parsed):
                 _ping_idle_connections(storage.engine)
+                if not read_only:
+                    ensure_lock_table(storage.engine)
             return storage
         except (NoSuchModuleError, ImportError) as exc:
             raise StorageError(f"no database driver for {mask(url)}: {scrub(str(exc), url)}") from None
@@ -336,7 +361,10 @@ def _upsert_statement(
     database's clock instead of a value ("" for none)."""
     fixed: dict[str, Any] = {}
     if now:
-        fixed[now] = sqlalchemy.func.current_timestamp() if backend == "sqlite" else sqlalchemy.func.now()
+        # PostgreSQL: the clock at the statement (``now()`` is the transaction's start, which may be long before
+        # when the transaction waited for the budget lock: a first heartbeat that old looks stale at birth)
+        clock = {"sqlite": sqlalchemy.func.current_timestamp(), "postgresql": sqlalchemy.func.clock_timestamp()}
+        fixed[now] = clock.get(backend, sqlalchemy.func.now())
     if backend == "mysql":
         from sqlalchemy.dialects.mysql import insert as my_insert
 
@@ -488,20 +516,94 @@ def _quiet_optuna() -> Iterator[None]:
 quiet_optuna = _quiet_optuna
 
 
+#: The table whose rows are the studies' budget locks (one row per study, created with it). A row lock needs
+#: UPDATE on this table, which only the worker role holds (``hpo db init``): the analyst role cannot even read it,
+#: so no role without write privilege can stall the workers (an advisory lock or ``GET_LOCK`` needs no privilege at
+#: all, and MariaDB lets a SELECT-only role lock the rows of any table it reads with ``SELECT ... FOR UPDATE``).
+LOCK_TABLE = "hpo_budget_locks"
+#: Longest wait for the budget lock before one attempt gives up (and is retried).
+LOCK_WAIT_S = 5
+#: A holder idle this long inside the lock's transaction (SIGSTOPped, its network dead) loses its connection, and
+#: with it the lock; what it wrote in that transaction is rolled back, nothing else.
+LOCK_IDLE_S = 10
+#: Total time :func:`budget_lock` keeps retrying a lock that times out before it raises.
+LOCK_RETRY_FOR_S = 600.0
+
+
+@functools.cache
+def lock_table() -> sqlalchemy.Table:
+    """The budget locks' table: ``(study_name, n)``; ``n`` counts the times the lock was taken."""
+    return sqlalchemy.Table(
+        LOCK_TABLE,
+        sqlalchemy.MetaData(),
+        sqlalchemy.Column("study_name", sqlalchemy.String(512), primary_key=True),
+        sqlalchemy.Column("n", sqlalchemy.BigInteger, nullable=False, default=0),
+    )
+
+
+def ensure_lock_table(engine: sqlalchemy.Engine) -> None:
+    """Create the budget locks' table where it is missing (``hpo db init`` and every worker with CREATE do)."""
+    if engine.url.get_backend_name() == "sqlite":
+        return
+    try:
+        lock_table().create(engine, checkfirst=True)
+    except DBAPIError as exc:
+        if denied_reason(exc) is None:
+            raise
+        raise StorageError(
+            f"table {LOCK_TABLE} is missing and this role may not create it: run hpo db init as the database's owner"
+        ) from None
+
+
+@functools.cache
+def _lock_statement(backend: str) -> Any:
+    t = lock_table()
+    if backend == "mysql":
+        from sqlalchemy.dialects.mysql import insert as my_insert
+
+        ins = my_insert(t).values(study_name=sqlalchemy.bindparam("name"), n=1)
+        return ins.on_duplicate_key_update(n=t.c.n + 1)
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    ins = pg_insert(t).values(study_name=sqlalchemy.bindparam("name"), n=1)
+    return ins.on_conflict_do_update(index_elements=[t.c.study_name], set_={"n": t.c.n + 1})
+
+
+_LOCK_SETTINGS = {
+    "postgresql": (
+        f"SET LOCAL lock_timeout = '{LOCK_WAIT_S}s'",
+        f"SET LOCAL idle_in_transaction_session_timeout = '{LOCK_IDLE_S}s'",
+    ),
+    "mysql": (f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_S}",),
+}
+_MYSQL_IDLE = f"SET SESSION idle_transaction_timeout = {LOCK_IDLE_S}"  # MariaDB 10.3+; MySQL has none
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a lock wait that timed out (PostgreSQL 55P03, MySQL/MariaDB 1205)."""
+    orig = getattr(exc, "orig", None) or exc
+    args = getattr(orig, "args", ())
+    return getattr(orig, "sqlstate", None) == "55P03" or bool(args and args[0] == 1205)
+
+
 @contextlib.contextmanager
-def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[sqlalchemy.Connection | None]:
+def budget_lock(
+    storage: optuna.storages.RDBStorage, study_name: str, stop: Any = None
+) -> Iterator[sqlalchemy.Connection | None]:
     """A lock held by one worker at a time per study, across processes and machines.
 
-    PostgreSQL: a transaction-level advisory lock, released by the commit that ends the block (no unlock
-    statement); MySQL/MariaDB: ``GET_LOCK``; SQLite (one machine by nature): a lock file beside the database.
-    Counting the budget and taking a trial slot inside it makes the global trial budget exact.
+    PostgreSQL and MySQL/MariaDB: the study's row in :data:`LOCK_TABLE`, locked by an upsert in a READ COMMITTED
+    transaction and released by the commit (or rollback) that ends the block. Each attempt waits at most
+    :data:`LOCK_WAIT_S` seconds and is retried (for :data:`LOCK_RETRY_FOR_S`, or until ``stop`` is set); a holder
+    idle in the lock's transaction for :data:`LOCK_IDLE_S` seconds loses its connection and the lock (PostgreSQL
+    ``idle_in_transaction_session_timeout``, MariaDB ``idle_transaction_timeout``). SQLite (one machine by nature):
+    a lock file beside the database.
 
-    Yields the connection that holds the lock (``None`` on SQLite): read the budget through it, in a transaction
-    begun after the lock was taken, so it sees every slot taken by the previous holder.
+    Yields the connection that holds the lock (``None`` on SQLite): read the budget through it, in the transaction
+    that holds the lock, so it sees every slot taken by the previous holder.
     """
     url = storage.engine.url
     backend = url.get_backend_name()
-    key = zlib.crc32(f"hpo-budget:{study_name}".encode())
     if backend == "sqlite":
         path = _sqlite_path(url)
         lock_path = f"{path}.hpo-lock" if path else None
@@ -515,25 +617,38 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterato
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
         return
-    with storage.engine.connect() as conn:
-        if backend == "postgresql":
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-            yield conn  # READ COMMITTED: each statement after the lock sees what the previous holder committed
-            conn.commit()  # releases the lock; an exception rolls back, which releases it too
-        elif backend == "mysql":
-            name = f"hpo-budget-{key}"
-            got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:n, 60)"), {"n": name}).scalar()
-            if got != 1:
-                raise StorageError(f"could not take the budget lock of study {study_name!r} within 60 s")
-            conn.commit()  # REPEATABLE READ: the next statement starts a snapshot taken after the lock
-            try:
-                yield conn
-                conn.commit()
-            finally:
-                conn.rollback()  # after an exception; a no-op after the commit
-                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
-        else:
+    if backend not in _LOCK_SETTINGS:
+        with storage.engine.connect() as conn:
             yield conn
+        return
+    deadline = time.monotonic() + LOCK_RETRY_FOR_S
+    while True:
+        conn = storage.engine.connect().execution_options(isolation_level="READ COMMITTED")
+        try:
+            for stmt in _LOCK_SETTINGS[backend]:
+                conn.execute(sqlalchemy.text(stmt))
+            if backend == "mysql":
+                with contextlib.suppress(DBAPIError):
+                    conn.execute(sqlalchemy.text(_MYSQL_IDLE))
+                conn.commit()  # the settings apply to the session; the lock's transaction starts now
+            conn.execute(_lock_statement(backend), {"name": study_name})
+        except DBAPIError as exc:
+            conn.rollback()
+            conn.close()
+            if not is_lock_timeout(exc):
+                raise
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                raise StorageError(f"could not take the budget lock of study {study_name!r}") from None
+            log.info("budget lock of study %r busy for %d s; waiting again", study_name, LOCK_WAIT_S)
+            continue
+        try:
+            yield conn
+            conn.commit()  # releases the lock
+        finally:
+            with contextlib.suppress(Exception):
+                conn.rollback()  # after an exception; a no-op after the commit
+            conn.close()
+        return
 
 
 @functools.cache

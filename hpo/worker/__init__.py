@@ -13,20 +13,24 @@ from __future__ import annotations
 from hpo.worker.lease import (
     COUNTED,
     FINISHED,
+    GRACE_ATTR,
     budget_used,
     count_budget,
     created_trial,
+    fail_and_requeue,
     reap,
     requeued_numbers,
+    study_grace,
     take_slots,
 )
 from hpo.worker.options import WorkerOptions, WorkerResult, default_threads
 from hpo.worker.single import run_worker
-from hpo.worker.study import SPEC_ATTR, check_agrees, create, load, replay
+from hpo.worker.study import SPEC_ATTR, check_agrees, create, load, replay, set_grace
 
 __all__ = [
     "COUNTED",
     "FINISHED",
+    "GRACE_ATTR",
     "SPEC_ATTR",
     "WorkerOptions",
     "WorkerResult",
@@ -36,10 +40,13 @@ __all__ = [
     "create",
     "created_trial",
     "default_threads",
+    "fail_and_requeue",
     "load",
     "reap",
     "replay",
     "requeued_numbers",
     "run_worker",
+    "set_grace",
+    "study_grace",
     "take_slots",
 ]

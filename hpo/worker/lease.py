@@ -18,18 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
+import json
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from hpo.errors import HpoError
+from hpo.objectives import Interrupted
 from hpo.storage import (
     budget_counts,
     budget_lock,
@@ -39,6 +45,7 @@ from hpo.storage import (
     quiet_optuna,
     rdb_backend,
     record_heartbeat,
+    set_trial_user_attrs,
     unbeaten_trial_ids,
 )
 from hpo.worker.options import WorkerOptions
@@ -92,7 +99,17 @@ def is_db_error(exc: BaseException) -> bool:
     return False
 
 
-def with_db_retry(what: str, fn: Callable[[], T], retry_for: float, url: str) -> T:
+def with_db_retry(
+    what: str,
+    fn: Callable[[], T],
+    retry_for: float,
+    url: str,
+    stop: threading.Event | None = None,
+    reraise: bool = False,
+) -> T:
+    """``fn()``, retried with backoff (0.5 s doubling to 8 s) while it fails with a database error, for ``retry_for``
+    seconds; then :class:`~hpo.errors.HpoError` (or, with ``reraise``, the database's error itself). Once ``stop`` is
+    set, a failure raises :class:`hpo.objectives.Interrupted` instead of waiting."""
     deadline = time.monotonic() + retry_for
     delay = 0.5
     while True:
@@ -103,18 +120,57 @@ def with_db_retry(what: str, fn: Callable[[], T], retry_for: float, url: str) ->
                 raise
             if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
                 exc = exc.__cause__
+            note_db_error()
+            if stop is not None and stop.is_set():
+                raise Interrupted(f"stopped while the database was unavailable ({what})") from None
             if time.monotonic() + delay > deadline:
+                if reraise:
+                    raise
                 raise HpoError(
                     f"database {mask(url)} unavailable while trying to {what}: {describe_error(exc, url)}"
                 ) from None
             log.warning(
                 "database error while trying to %s (%s); retrying in %.1f s", what, describe_error(exc, url), delay
             )
-            time.sleep(delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
             delay = min(delay * 2, 8.0)
 
 
 _last_reap: dict[str, float] = {}  # study name -> when this process may next look for stale trials
+_last_db_error = [-math.inf]  # when this process last saw a database error (time.monotonic())
+
+
+def note_db_error() -> None:
+    """Remember that this process just saw the database fail: it reaps no trial for a grace period after (the
+    other workers' heartbeats failed too, and need a beat to show they are alive)."""
+    _last_db_error[0] = time.monotonic()
+
+
+def worker_name() -> str:
+    """This worker as trials record it (``worker``, ``reaped_by``): host:pid."""
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+GRACE_ATTR = "hpo:grace"
+#: Grace period of a study created without one (2 x the default heartbeat interval of 10 s).
+DEFAULT_GRACE_S = 20.0
+#: System attribute of a re-queued copy: the trial id of the failed trial it re-runs (one copy per failure).
+COPY_OF_ATTR = "hpo:copy_of"
+#: User attributes a re-queued copy does not inherit: they describe the failed run, not the trial.
+NOT_INHERITED = ("reason", "error", "reaped_by", "requeued_from")
+
+
+def study_grace(study: optuna.Study, fallback: float | None = None) -> float:
+    """The study's grace period (seconds without a heartbeat before a running trial is stale): stored with the study
+    (``hpo create``, the first worker, ``hpo grace``), so every worker and ``hpo reap`` agree; ``fallback`` (else
+    :data:`DEFAULT_GRACE_S`) for a study stored before hpo kept one."""
+    stored = study.user_attrs.get(GRACE_ATTR)
+    if stored is not None:
+        return float(stored)
+    return float(fallback) if fallback is not None else DEFAULT_GRACE_S
 
 
 def take_slots(
@@ -124,6 +180,7 @@ def take_slots(
     storage: optuna.storages.RDBStorage,
     opts: WorkerOptions,
     want: int = 1,
+    stop: threading.Event | None = None,
 ) -> tuple[list[int], int]:
     """Take up to ``want`` trial slots inside the budget lock: (their trial ids, trials running now).
 
@@ -137,7 +194,7 @@ def take_slots(
     if opts.heartbeat_interval is not None and time.monotonic() >= _last_reap.get(name, 0.0):
         reap(study)
         _last_reap[name] = time.monotonic() + opts.heartbeat_interval
-    with budget_lock(storage, name) as lock:
+    with budget_lock(storage, name, stop) as lock:
         counted, running, waiting = budget_counts(storage, study._study_id, lock)
         n = max(0, want if budget is None else min(want, budget - counted))
         study._thread_local.cached_all_trials = None  # as Study.ask: sync with the storage once a trial
@@ -191,30 +248,184 @@ def _cache_created(study: optuna.Study, created: list[tuple[int, int, datetime.d
         cache._add_trials_to_cache(study._study_id, trials)
 
 
-def reap(study: optuna.Study) -> list[int]:
-    """Fail the study's stale running trials and re-queue them through the storage's retry callback, as Optuna's
-    ``fail_stale_trials`` does for trials whose heartbeat is older than the grace period; here also for running
-    trials that never beat (:func:`hpo.storage.unbeaten_trial_ids`). Returns the ids of the trials this call failed
-    (another worker may reap the same trials at the same time; each is failed, and re-queued, once)."""
+def reap(study: optuna.Study, grace: float | None = None) -> list[int]:
+    """Fail the study's stale running trials (``reason: reaped``, ``reaped_by``: this worker) and re-queue each once
+    (:func:`fail_and_requeue`). Stale: no heartbeat for the study's grace period (:func:`study_grace`), or none at all
+    and started that long ago (:func:`hpo.storage.unbeaten_trial_ids`). Nothing is reaped while this process came
+    back from a database error less than a grace period ago, nor while the database server has been up for less
+    than one (after a restart every worker's heartbeats failed alike: they get a grace period to beat again).
+    Returns the ids of the trials this call failed (other workers may reap at the same time; each trial is failed,
+    and re-queued, once)."""
     backend = rdb_backend(study._storage)
     interval = backend.get_heartbeat_interval() if hasattr(backend, "get_heartbeat_interval") else None
     if interval is None:
         return []
-    grace = backend.grace_period if backend.grace_period is not None else 2 * interval
-    stale = set(backend._get_stale_trial_ids(study._study_id))
+    fallback = backend.grace_period if backend.grace_period is not None else 2 * interval
+    grace = grace if grace is not None else study_grace(study, fallback)
+    if time.monotonic() - _last_db_error[0] < grace:
+        return []
+    stale = stale_trial_ids(backend, study._study_id, grace)
     stale |= set(unbeaten_trial_ids(backend, study._study_id, grace))
+    callback = backend.get_heartbeat_stale_trial_callback()
+    max_retry = getattr(callback, "_max_retry", None)
     failed = []
     for trial_id in sorted(stale):
-        try:
-            if study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    callback = backend.get_heartbeat_stale_trial_callback()
-    with quiet_optuna():
-        for trial_id in failed if callback is not None else ():
-            callback(study, copy.deepcopy(study._storage.get_trial(trial_id)))
+        _, done = fail_and_requeue(
+            study, trial_id, {"reason": "reaped", "reaped_by": worker_name()}, callback is not None, max_retry
+        )
+        if done:
+            log.warning("trial id %d: no heartbeat for %.0f s; reaped (failed and re-queued)", trial_id, grace)
+            failed.append(trial_id)
     return failed
+
+
+def stale_trial_ids(backend: optuna.storages.RDBStorage, study_id: int, grace: float) -> set[int]:
+    """Running trials whose last heartbeat is older than ``grace`` seconds by the database's clock; none while the
+    server has been up for less than ``grace`` seconds."""
+    from optuna.storages._rdb import models
+
+    t, h = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
+    stmt = (
+        sqlalchemy.select(t.c.trial_id, h.c.heartbeat)
+        .select_from(t.join(h, h.c.trial_id == t.c.trial_id))
+        .where(t.c.study_id == study_id, t.c.state == TrialState.RUNNING)
+    )
+    with backend.engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one().replace(tzinfo=None)
+        uptime = server_uptime(conn)
+        if uptime is not None and uptime < grace:
+            return set()
+        cutoff = now - datetime.timedelta(seconds=grace)
+        return {int(r[0]) for r in conn.execute(stmt) if r[1] is not None and r[1] < cutoff}
+
+
+def server_uptime(conn: sqlalchemy.Connection) -> float | None:
+    """Seconds since the database server started (PostgreSQL, MySQL/MariaDB), or None (SQLite, or not readable)."""
+    backend = conn.dialect.name
+    sql = {
+        "postgresql": "SELECT EXTRACT(EPOCH FROM (now() - pg_postmaster_start_time()))",
+        "mysql": "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'UPTIME'",
+    }.get(backend)
+    if sql is None:
+        return None
+    try:
+        with conn.begin_nested() if conn.in_transaction() else contextlib.nullcontext():
+            got = conn.execute(sqlalchemy.text(sql)).scalar()
+    except DBAPIError:
+        return None
+    return float(got) if got is not None else None
+
+
+def fail_and_requeue(
+    study: optuna.Study, trial_id: int, attrs: dict[str, Any], requeue: bool = True, max_retry: int | None = 2
+) -> tuple[optuna.trial.FrozenTrial | None, bool]:
+    """Fail a running trial, record ``attrs`` on it, and (``requeue``) queue a copy of it, in one transaction that
+    runs only if the trial is still RUNNING: whatever workers, reapers and retries after a lost connection do, a
+    trial is failed once and re-queued at most once per failure. Returns (the failed trial as stored, whether this
+    call failed it).
+
+    The copy: the trial's parameters and user attributes (not its outcome's: :data:`NOT_INHERITED`), not its
+    intermediate values (its curve is its own run's), ``requeued_from`` = the failed trial's number, Optuna's
+    ``failed_trial`` / ``retry_history`` system attributes (so ``RetryFailedTrialCallback.retried_trial_number``
+    and the budget count read it as Optuna's own copy), and :data:`COPY_OF_ATTR`. No copy once the trial was
+    re-queued ``max_retry`` times.
+    """
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    backend = rdb_backend(study._storage)
+    with _create_scoped_session(backend.scoped_session) as session:
+        if requeue:  # the study's row first, as Optuna's trial creation locks it: numbers stay unique
+            models.StudyModel.find_or_raise_by_id(study._study_id, session, for_update=True)
+        row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+        if row.state != TrialState.RUNNING:
+            return None, False
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+        session.flush()
+        session.refresh(row)
+        frozen = backend._build_frozen_trial_from_trial_model(row)
+        row.state = TrialState.FAIL
+        row.datetime_complete = datetime.datetime.now()
+        frozen.state, frozen.datetime_complete = TrialState.FAIL, row.datetime_complete
+        system = {k: v for k, v in frozen.system_attrs.items() if not k.startswith("completed_rung")}
+        history = [*system.get("retry_history", []), frozen.number]
+        if requeue and (max_retry is None or len(history) <= max_retry):
+            system.update(
+                {
+                    "failed_trial": system.get("failed_trial", frozen.number),
+                    "retry_history": history,
+                    COPY_OF_ATTR: trial_id,
+                }
+            )
+            user = {k: v for k, v in frozen.user_attrs.items() if k not in NOT_INHERITED}
+            user["requeued_from"] = frozen.number
+            template = optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=frozen.params,
+                distributions=frozen.distributions,
+                user_attrs=user,
+                system_attrs=system,
+            )
+            backend._get_prepared_new_trial(study._study_id, template, session)
+    return frozen, True
+
+
+def take_over(
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None
+) -> tuple[optuna.trial.FrozenTrial, bool]:
+    """Store a finished run whose trial was reaped meanwhile on the trial's re-queued copy, if no worker took that
+    copy yet (it is then complete or pruned with this run's parameters, attributes, curve and value): the work is
+    kept and the budget stays exact. Else the run is dropped. (stored trial, whether this call stored the run)"""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    real = getattr(study, "_study", study)
+    backend = rdb_backend(real._storage)
+    cached = getattr(trial, "_cached_frozen_trial", None)
+    mine = cached if cached is not None else real._storage.get_trial(trial._trial_id)
+    if state == TrialState.PRUNED and value is None and mine.intermediate_values:
+        value = mine.intermediate_values[max(mine.intermediate_values)]
+    a, t = models.TrialSystemAttributeModel, models.TrialModel
+    with _create_scoped_session(backend.scoped_session) as session:
+        copy_row = (
+            session.query(t)
+            .join(a, a.trial_id == t.trial_id)
+            .filter(t.study_id == real._study_id, a.key == COPY_OF_ATTR, a.value_json == json.dumps(trial._trial_id))
+            .with_for_update()
+            .one_or_none()
+        )
+        if copy_row is not None and copy_row.state == TrialState.WAITING:
+            copy_row.state = TrialState.RUNNING  # Optuna writes only to running trials
+            for key, v in mine.user_attrs.items():
+                backend._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, copy_row.trial_id, key, v
+                )
+            backend._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, copy_row.trial_id, "requeued_from", mine.number
+            )
+            for step, v in mine.intermediate_values.items():
+                backend._set_trial_intermediate_value_without_commit(session, copy_row.trial_id, step, v)
+            if value is not None:
+                backend._set_trial_value_without_commit(session, copy_row, 0, value)
+            copy_row.datetime_start = mine.datetime_start
+            copy_row.datetime_complete = datetime.datetime.now()
+            copy_row.state = state
+            copy_id, copy_number = copy_row.trial_id, copy_row.number
+        else:
+            copy_id = None
+    if copy_id is None:
+        log.warning(
+            "trial %d was finished elsewhere (reaped) and its copy is taken or absent; dropping this run's result",
+            mine.number,
+        )
+        return real._storage.get_trial(trial._trial_id), False
+    log.warning(
+        "trial %d was reaped while it ran; its result is stored on its re-queued copy, trial %d",
+        mine.number,
+        copy_number,
+    )
+    return real._storage.get_trial(copy_id), True
 
 
 class Heartbeats:
@@ -242,6 +453,8 @@ class Heartbeats:
             self.ids.discard(trial_id)
 
     def __enter__(self) -> Heartbeats:
+        with _live_lock:
+            _live.add(self)
         if self.interval is not None:
             self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
             self.thread.start()
@@ -257,43 +470,121 @@ class Heartbeats:
             except Exception as exc:
                 if not is_db_error(exc):
                     raise
+                note_db_error()
                 log.warning("heartbeats of %d trial(s) not recorded: %s", len(ids), describe_error(exc, self.url))
 
     def __exit__(self, *exc: Any) -> None:
         self.done.set()
         if self.thread is not None:
             self.thread.join()
+        with _live_lock:
+            _live.discard(self)
+
+
+_live: set[Heartbeats] = set()  # this process's heartbeat threads: every trial it holds is in one
+_live_lock = threading.Lock()
+
+
+def abandon_live(study: optuna.Study) -> list[int]:
+    """Fail (``reason: interrupted``) and re-queue every trial this process holds, one attempt each, for a worker
+    about to exit without finishing them (the stop timeout); where the database does not answer, the grace period
+    reaps them later. Returns the ids failed."""
+    with _live_lock:
+        ids = sorted({i for beats in _live for i in beats.ids})
+    backend = rdb_backend(study._storage)
+    max_retry = getattr(backend.get_heartbeat_stale_trial_callback(), "_max_retry", 2)
+    failed = []
+    for trial_id in ids:
+        try:
+            if fail_and_requeue(study, trial_id, {"reason": "interrupted"}, True, max_retry)[1]:
+                failed.append(trial_id)
+        except Exception as exc:
+            log.warning("trial id %d not re-queued (%s); the grace period reaps it", trial_id, exc)
+            break
+    return failed
+
+
+class RetryingStorage:
+    """A study's storage whose public calls are retried on database errors for ``retry_for`` seconds (what a trial's
+    reports, attributes and the sampler's and pruner's reads go through), so an in-flight trial rides out a server
+    restart or a short outage; stops retrying (:class:`hpo.objectives.Interrupted`) once ``stop`` is set. A trial
+    finished elsewhere still fails at once (``UpdateFinishedTrialError`` is no database error)."""
+
+    def __init__(
+        self, inner: optuna.storages.BaseStorage, retry_for: float, url: str, stop: threading.Event | None = None
+    ) -> None:
+        self._inner, self._retry_for, self._url, self._stop = inner, retry_for, url, stop
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return with_db_retry(name, lambda: attr(*args, **kwargs), self._retry_for, self._url, self._stop, True)
+
+        return call
+
+
+def agree_on_grace(study: optuna.Study, opts: WorkerOptions) -> WorkerOptions:
+    """This worker's options with the study's grace period (:func:`study_grace`), and a heartbeat interval of at most
+    half of it (a worker that beat less often would look dead to the others between two beats)."""
+    hb = opts.heartbeat_interval
+    own = opts.grace_period if opts.grace_period is not None else (2 * hb if hb is not None else None)
+    grace = study_grace(study, own)
+    if GRACE_ATTR in study.user_attrs and opts.grace_period is not None and float(opts.grace_period) != grace:
+        log.warning(
+            "study %s: its grace period is %g s (change it with: hpo grace %s SECONDS); --grace %g not used",
+            study.study_name,
+            grace,
+            study.study_name,
+            opts.grace_period,
+        )
+    if hb is not None and hb > grace / 2:
+        log.warning(
+            "heartbeat every %d s is too rare for the study's grace period of %g s: every %d s",
+            hb,
+            grace,
+            max(1, int(grace // 2)),
+        )
+        hb = max(1, int(grace // 2))
+    return dataclasses.replace(opts, heartbeat_interval=hb, grace_period=grace)  # type: ignore[arg-type]
 
 
 def tell(
-    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None, opts: WorkerOptions, url: str
+    study: optuna.Study,
+    trial: optuna.Trial,
+    state: TrialState,
+    value: float | None,
+    opts: WorkerOptions,
+    url: str,
+    attrs: dict[str, Any] | None = None,
+    requeue: bool = False,
 ) -> tuple[optuna.trial.FrozenTrial, bool]:
-    """Store the outcome, retrying until the database takes it; (stored trial, whether this call finished it).
+    """Store a trial's outcome exactly once, retrying until the database takes it: (stored trial, whether this call
+    stored it). A complete or pruned trial that was reaped meanwhile goes to its re-queued copy where no worker took
+    it (:func:`take_over`); a failed one is failed, with ``attrs``, and re-queued (``requeue``) only if it is still
+    running (:func:`fail_and_requeue`). Whether it stored is what the database says, never assumed.
 
     ``study`` may be population mode's view of the study, which reads the worker's own trials from memory."""
 
     real = getattr(study, "_study", study)
-    attempts = [0]
 
-    def tell() -> tuple[optuna.trial.FrozenTrial, bool]:
-        attempts[0] += 1
-        # After a failed attempt (which may have reached the database), or for a trial that failed (which a worker
-        # may have reaped meanwhile), look first; a plain success or prune needs no extra read.
-        if attempts[0] > 1 or state == TrialState.FAIL:
-            current = real._storage.get_trial(trial._trial_id)
-            if current.state.is_finished():
-                return current, False
+    def store() -> tuple[optuna.trial.FrozenTrial, bool]:
+        if state == TrialState.FAIL:
+            frozen, done = fail_and_requeue(real, trial._trial_id, attrs or {}, requeue, opts.max_retry)
+            return (frozen if frozen is not None else real._storage.get_trial(trial._trial_id)), done
+        if attrs:
+            set_trial_user_attrs(real._storage, trial._trial_id, attrs)
         with quiet_optuna():
             try:
-                if state != TrialState.FAIL and attempts[0] == 1:
-                    return tell_finished(study, trial, state, value)
-                return real.tell(trial, value if state == TrialState.COMPLETE else None, state, True), True
+                return tell_finished(study, trial, state, value)
             except RuntimeError as exc:  # GridSampler calls study.stop() once its grid is used up; the trial is stored
                 if "Study.stop" not in str(exc):
                     raise
                 return real._storage.get_trial(trial._trial_id), True
 
-    return with_db_retry("store a trial's result", tell, max(opts.db_retry_for, 300.0), url)
+    return with_db_retry("store a trial's result", store, max(opts.db_retry_for, 300.0), url)
 
 
 def tell_finished(
@@ -301,19 +592,25 @@ def tell_finished(
 ) -> tuple[optuna.trial.FrozenTrial, bool]:
     """``study.tell(trial, value, state)`` for a complete or pruned trial, without its closing re-read of the trial
     (six statements): the stored trial is the one the worker holds, finished, as in ``Study.optimize`` (a pruned
-    trial's value is its last reported one, as Optuna stores it). (stored trial, whether this call finished it)"""
+    trial's value is its last reported one, as Optuna stores it). A trial finished elsewhere meanwhile (reaped, or
+    stored by an earlier attempt whose answer was lost): (stored trial, whether this call finished it)."""
     from optuna.study._tell import _tell_with_warning
 
     real = getattr(study, "_study", study)
     try:
         stored, values, _ = _tell_with_warning(
-            study, trial, value if state == TrialState.COMPLETE else None, state, True, suppress_warning=True
+            study, trial, value if state == TrialState.COMPLETE else None, state, False, suppress_warning=True
         )
-    except optuna.exceptions.UpdateFinishedTrialError:  # read from memory as running, but reaped meanwhile
-        return real._storage.get_trial(trial._trial_id), False
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:  # finished meanwhile: reaped, or ours
+        if isinstance(exc, ValueError) and "Cannot tell a" not in str(exc):
+            raise
+        current = real._storage.get_trial(trial._trial_id)
+        if current.state == state and current.user_attrs.get("reason") != "reaped":
+            return current, True  # an earlier attempt of ours stored it and lost the answer
+        return take_over(study, trial, state, value)
     cached = getattr(trial, "_cached_frozen_trial", None)
-    if cached is None or stored != state:  # already finished elsewhere (reaped): what is stored
-        return real._storage.get_trial(trial._trial_id), stored == state
+    if cached is None:
+        return real._storage.get_trial(trial._trial_id), True
     frozen = copy.copy(cached)
     frozen.state, frozen.values = state, values
     frozen.datetime_complete = datetime.datetime.now()

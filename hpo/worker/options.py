@@ -21,6 +21,8 @@ class WorkerOptions:
     n_trials: int | None = None  # override the study's budget
     timeout: float | None = None
     db_retry_for: float = 120.0
+    #: Seconds after a SIGTERM/SIGINT before a worker whose trial has not stopped fails and re-queues it and exits 0.
+    stop_timeout: float = 30.0
     max_consecutive_failures: int = 5
     handle_signals: bool = True
     #: Added to a seeded sampler's seed so that workers sharing a study draw different points.

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Container
@@ -26,8 +25,8 @@ from hpo.objectives import trial_seed
 from hpo.objectives.population import Event, PopulationTrainer
 from hpo.objectives.training import set_trial_attrs
 from hpo.spec import StudySpec, TrainingObjective
-from hpo.storage import quiet_optuna, retry_callback, store_intermediate_values
-from hpo.worker.lease import Heartbeats, created_trial, take_slots, tell, with_db_retry
+from hpo.storage import quiet_optuna, store_intermediate_values
+from hpo.worker.lease import Heartbeats, created_trial, take_slots, tell, with_db_retry, worker_name
 from hpo.worker.options import WorkerOptions, WorkerResult
 
 log = logging.getLogger(__name__)
@@ -183,7 +182,7 @@ def run_population(
     live: dict[int, _Live] = {}
     view = _StudyView(study)
     reports = _Reports(study._storage)
-    worker_name = f"{os.uname().nodename}:{os.getpid()}"
+    me = worker_name()
     asking = True
 
     def finish(number: int, state: TrialState, value: float | None = None) -> None:
@@ -214,7 +213,7 @@ def run_population(
         try:
             params = search_space.suggest(trial, spec.space)
             seed = int(inherited.get("seed", trial_seed(spec, trial.number)))
-            values = {"seed": seed, "device": device, "threads": threads, "worker": worker_name, "population": size}
+            values = {"seed": seed, "device": device, "threads": threads, "worker": me, "population": size}
             if inherited.get("reason") is not None:  # the copy's outcome is its own
                 values["reason"] = None
             set_trial_attrs(trial, values)
@@ -288,18 +287,24 @@ def run_population(
                 if not live or stop.is_set():
                     break
                 for ev in trainer.step():
-                    on_event(ev)
+                    try:
+                        on_event(ev)
+                    except optuna.exceptions.UpdateFinishedTrialError:  # reaped while it ran: its copy runs elsewhere
+                        number = int(ev.key)  # type: ignore[call-overload]
+                        log.warning("trial %d was finished elsewhere (reaped) while it ran; dropping it", number)
+                        if number in live:
+                            _drop(live, beats, trainer, number, result)
         except BaseException:
             with contextlib.suppress(Exception):  # the database may be what failed
                 reports.store()
             for number in list(live):  # a bug or a database lost for good: these trials run again elsewhere
-                _requeue(study, live[number].trial, "error", opts, url, retry_callback)
+                _requeue(study, live[number].trial, "error", opts, url)
                 _drop(live, beats, trainer, number, result)
             raise
         if stop.is_set():
             with_db_retry("store reports", reports.store, max(opts.db_retry_for, 300.0), url)
             for number in list(live):
-                _requeue(study, live[number].trial, "interrupted", opts, url, retry_callback)
+                _requeue(study, live[number].trial, "interrupted", opts, url)
                 _drop(live, beats, trainer, number, result)
             result.interrupted = True
 
@@ -313,14 +318,10 @@ def _drop(live: dict[int, _Live], beats: Any, trainer: PopulationTrainer, number
     result.trials.append(number)
 
 
-def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str, opts: Any, url: str, callback: Any) -> None:
-    """Fail a running member's trial with ``reason`` and queue its parameters again (as the single loop does)."""
-    with_db_retry(
-        "record a trial's outcome", lambda: trial.set_user_attr("reason", reason), max(opts.db_retry_for, 300.0), url
-    )
-    frozen, told = tell(study, trial, TrialState.FAIL, None, opts, url)
-    if told:
-        with_db_retry("re-queue the trial", lambda: callback(None)(study, frozen), max(opts.db_retry_for, 300.0), url)
+def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str, opts: Any, url: str) -> None:
+    """Fail a running member's trial with ``reason`` and queue its parameters again, once (as the single loop
+    does; nothing happens to a trial that was finished elsewhere meanwhile)."""
+    tell(study, trial, TrialState.FAIL, None, opts, url, {"reason": reason}, requeue=True)
 
 
 def _ask(

@@ -7,6 +7,7 @@ worker exits 0. A second signal exits at once (status 130); heartbeats then reap
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -24,8 +25,18 @@ from hpo.errors import HpoError
 from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_seed
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec
-from hpo.storage import describe_error, open_storage, quiet_optuna, retry_callback, set_trial_user_attrs
-from hpo.worker.lease import Heartbeats, is_db_error, take_slots, tell, with_db_retry
+from hpo.storage import describe_error, open_storage, quiet_optuna, set_trial_user_attrs
+from hpo.worker.lease import (
+    Heartbeats,
+    RetryingStorage,
+    abandon_live,
+    agree_on_grace,
+    is_db_error,
+    take_slots,
+    tell,
+    with_db_retry,
+    worker_name,
+)
 from hpo.worker.options import WorkerOptions, WorkerResult, default_threads
 from hpo.worker.study import create, load
 
@@ -33,11 +44,15 @@ log = logging.getLogger(__name__)
 
 
 class _Signals:
-    """First signal: stop after (interrupting) the current trial. Second: exit at once."""
+    """First signal: interrupt the current trial at its next step (it is failed and re-queued), then stop; if the
+    worker is still running ``stop_timeout`` seconds later (an objective that never calls ``check_stop()``, a
+    database that stays away, a lock that does not come), its live trials are failed and re-queued where the database
+    answers (:func:`hpo.worker.lease.abandon_live`) and it exits 0. Second signal: exit at once (status 130)."""
 
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop = stop
+    def __init__(self, stop: threading.Event, stop_timeout: float = 30.0, study: optuna.Study | None = None) -> None:
+        self.stop, self.stop_timeout, self.study = stop, stop_timeout, study
         self.previous: dict[int, Any] = {}
+        self.done = threading.Event()
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
@@ -48,10 +63,28 @@ class _Signals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.stop.is_set():
             os._exit(130)
-        log.warning("received %s: finishing the current trial, then stopping", signal.Signals(signum).name)
+        log.warning(
+            "received %s: interrupting the running trial at its next step (it is failed and re-queued), then stopping;"
+            " exiting in at most %.0f s",
+            signal.Signals(signum).name,
+            self.stop_timeout,
+        )
         self.stop.set()
+        threading.Thread(target=self._watchdog, name="stop-timeout", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        if self.done.wait(self.stop_timeout):
+            return
+        log.warning(
+            "still running %.0f s after the signal: failing and re-queueing its trials, exiting", self.stop_timeout
+        )
+        if self.study is not None:
+            abandon_live(self.study)
+        logging.shutdown()
+        os._exit(0)
 
     def __exit__(self, *exc: Any) -> None:
+        self.done.set()
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -77,11 +110,14 @@ def run_worker(
         heartbeat_interval=opts.heartbeat_interval,
         grace_period=opts.grace_period,
         max_retry=opts.max_retry,
-        retry_for=min(opts.db_retry_for, 30.0),
+        retry_for=opts.db_retry_for,
     )
     if isinstance(study_or_spec, StudySpec):
         with_db_retry(
-            "create the study", lambda: create(study_or_spec, storage_url, storage), opts.db_retry_for, storage_url
+            "create the study",
+            lambda: create(study_or_spec, storage_url, storage, grace=_own_grace(opts)),
+            opts.db_retry_for,
+            storage_url,
         )
         name = study_or_spec.name
     else:
@@ -89,6 +125,7 @@ def run_worker(
     study, spec = with_db_retry("load the study", lambda: load(name, storage), opts.db_retry_for, storage_url)
     if isinstance(study_or_spec, StudySpec):
         spec = study_or_spec
+    opts = agree_on_grace(study, opts)
     if spec.sampler.seed is not None:
         offset = os.getpid() if opts.seed_offset is None else opts.seed_offset
         if offset:
@@ -106,7 +143,8 @@ def run_worker(
     result = WorkerResult()
     failures = 0
 
-    with _Signals(stop) if opts.handle_signals else contextlib.nullcontext():
+    signals = _Signals(stop, opts.stop_timeout, study)
+    with signals if opts.handle_signals else contextlib.nullcontext():
         size = _population_size(spec, opts.population)
         if size > 1:  # population mode (issue 8) runs to the budget; the loop below then finds it met
             from hpo.worker.population import run_population
@@ -124,7 +162,7 @@ def run_worker(
                 break
             trial = with_db_retry(
                 "ask for a trial",
-                lambda: _next_trial(study, name, budget, storage, opts, stop),
+                lambda: _next_trial(study, name, budget, storage, opts, stop, storage_url),
                 opts.db_retry_for,
                 storage_url,
             )
@@ -145,7 +183,7 @@ def run_worker(
                 if outcome == "interrupted":
                     result.interrupted = True
                     break
-                if outcome == "requeued":  # a database error, not the objective's fault
+                if outcome in ("requeued", "dropped"):  # a database error or a reap, not the objective's fault
                     continue
                 failures += 1
                 if failures >= opts.max_consecutive_failures:
@@ -158,6 +196,13 @@ def run_worker(
         result.interrupted = True
         result.reason = "stopped by signal"
     return result
+
+
+def _own_grace(opts: WorkerOptions) -> float | None:
+    """The grace period this worker's options give a study it creates (``--grace``, else 2 x ``--heartbeat``)."""
+    if opts.grace_period is not None:
+        return float(opts.grace_period)
+    return 2.0 * opts.heartbeat_interval if opts.heartbeat_interval is not None else None
 
 
 def _population_size(spec: StudySpec, requested: int | str | None) -> int:
@@ -182,13 +227,18 @@ def _next_trial(
     storage: optuna.storages.RDBStorage,
     opts: WorkerOptions,
     stop: threading.Event,
+    url: str = "",
 ) -> optuna.Trial | None:
     """The next trial within the budget, or None when the budget is taken and nothing runs."""
     while not stop.is_set():
-        ids, running = take_slots(study, name, budget, storage, opts)
+        ids, running = take_slots(study, name, budget, storage, opts, stop=stop)
         if ids:
+            # The trial's own calls (reports, attributes, the sampler's and pruner's reads) ride out a database
+            # blip: retried for --db-retry-for seconds (:class:`hpo.worker.lease.RetryingStorage`).
+            view = copy.copy(study)
+            view._storage = RetryingStorage(study._storage, opts.db_retry_for, url, stop)  # type: ignore[assignment]
             with quiet_optuna():
-                return optuna.Trial(study, ids[0])
+                return optuna.Trial(view, ids[0])
         if running == 0 or opts.heartbeat_interval is None:
             return None
         # The budget is taken, but trials still run: wait for them, reaping any whose worker died.
@@ -207,7 +257,8 @@ def _run_one(
     opts: WorkerOptions,
     url: str,
 ) -> tuple[optuna.trial.FrozenTrial, str]:
-    """Run one trial and store its outcome: ``"done"``, ``"interrupted"`` or ``"requeued"`` (database error).
+    """Run one trial and store its outcome: ``"done"``, ``"interrupted"``, ``"requeued"`` (database error) or
+    ``"dropped"`` (the trial was finished elsewhere, reaped, while it ran: nothing of it is stored by this worker).
 
     An interrupted trial, or one whose database calls failed mid-run, is failed and re-queued with its parameters.
     """
@@ -228,7 +279,7 @@ def _run_one(
                 "seed": seed,
                 "device": device,
                 "threads": threads,
-                "worker": f"{os.uname().nodename}:{os.getpid()}",
+                "worker": worker_name(),
             }
             if inherited.get("reason") is not None:  # the copy's outcome is its own
                 attrs["reason"] = None
@@ -246,6 +297,17 @@ def _run_one(
             state = TrialState.PRUNED
         except Interrupted:
             outcome, reason = "interrupted", "interrupted"
+        except optuna.exceptions.UpdateFinishedTrialError:  # reaped while it ran: its copy runs (or ran) elsewhere
+            frozen = with_db_retry(
+                "read a trial", lambda: study._storage.get_trial(trial._trial_id), opts.db_retry_for, url
+            )
+            log.warning(
+                "trial %d was finished elsewhere (%s by %s) while it ran; dropping it and carrying on",
+                trial.number,
+                frozen.user_attrs.get("reason", frozen.state.name.lower()),
+                frozen.user_attrs.get("reaped_by", "another process"),
+            )
+            return frozen, "dropped"
         except HpoError:
             tell(study, trial, TrialState.FAIL, None, opts, url)
             raise
@@ -257,21 +319,7 @@ def _run_one(
             else:  # the objective's own failure: recorded, the worker carries on
                 log.exception("trial %d failed", trial.number)
                 reason, error = "error", f"{type(exc).__name__}: {exc}"[:500]
-    if reason is not None or error is not None:
-
-        def record() -> None:
-            if reason is not None:
-                trial.set_user_attr("reason", reason)
-            if error is not None:
-                trial.set_user_attr("error", error)
-
-        with_db_retry("record a trial's outcome", record, max(opts.db_retry_for, 300.0), url)
-    frozen, told = tell(study, trial, state, value if state == TrialState.COMPLETE else None, opts, url)
-    if outcome != "done" and told:  # not when another worker already reaped (and re-queued) it
-        with_db_retry(
-            "re-queue the trial",
-            lambda: retry_callback(None)(study, frozen),
-            max(opts.db_retry_for, 300.0),
-            url,
-        )
+    attrs = {k: v for k, v in (("reason", reason), ("error", error)) if v is not None}
+    value = value if state == TrialState.COMPLETE else None
+    frozen, _ = tell(study, trial, state, value, opts, url, attrs, requeue=outcome != "done")
     return frozen, outcome

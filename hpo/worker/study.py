@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
 
 import hpo
 from hpo import space as search_space
-from hpo.errors import StudyError
+from hpo.errors import HpoError, StudyError
 from hpo.objectives import Context, resolve, resolve_device, trial_seed
 from hpo.pruners import make_pruner
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec, parse_spec
 from hpo.storage import budget_lock, open_storage, quiet_optuna
+from hpo.worker.lease import DEFAULT_GRACE_S, GRACE_ATTR
 
 SPEC_ATTR = "hpo:spec"
 
 
 def create(
-    spec: StudySpec, storage_url: str, storage: optuna.storages.BaseStorage | None = None, **storage_kwargs: Any
+    spec: StudySpec,
+    storage_url: str,
+    storage: optuna.storages.BaseStorage | None = None,
+    grace: float | None = None,
+    **storage_kwargs: Any,
 ) -> optuna.Study:
     """Create the study once (idempotent); store the study file with it; enqueue its baseline trials once.
+
+    ``grace`` (seconds; default :data:`hpo.worker.lease.DEFAULT_GRACE_S`) is stored as the study's grace period when
+    the study has none yet (:func:`set_grace` changes it).
 
     Safe when many workers start at once with the same file: the file is stored and its trials enqueued under the
     study's budget lock, by the first worker only.
@@ -41,7 +50,22 @@ def create(
         )
     with budget_lock(storage, spec.name):
         _store_spec(spec, study)
+        if GRACE_ATTR not in study.user_attrs:
+            study.set_user_attr(GRACE_ATTR, float(grace if grace is not None else DEFAULT_GRACE_S))
     return study
+
+
+def set_grace(study: optuna.Study, seconds: float) -> None:
+    """Change a study's grace period: seconds without a heartbeat before any worker or ``hpo reap`` fails a running
+    trial and re-queues it. Workers read it at their next reap; a worker that beats less often than every
+    ``seconds / 2`` beats every ``seconds / 2`` from its next start.
+
+    Raises:
+        HpoError: ``seconds`` is not a positive number.
+    """
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise HpoError(f"grace period {seconds!r}: give a positive number of seconds")
+    study.set_user_attr(GRACE_ATTR, float(seconds))
 
 
 def _store_spec(spec: StudySpec, study: optuna.Study) -> None:
