@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -80,7 +81,8 @@ def studies(storage_url: str) -> list[dict[str, Any]]:
     Returns:
         One dict per study: ``name``, ``direction``, ``n_trials``, one count per state (``complete``, ``pruned``,
         ``fail``, ``running``, ``waiting``), ``best_value``, ``best_trial``, ``created`` (first trial start),
-        ``updated`` (last trial completion), ``metric``, ``sampler``, ``pruner``, ``budget`` (as stored by hpo).
+        ``updated`` (last trial completion), ``metric``, ``sampler``, ``pruner``, ``budget`` (as stored by hpo),
+        ``checkpoint_mb`` (checkpoints held by the study's trials; None where none ever checkpointed).
     """
     storage = _storage(storage_url)
     t = models.TrialModel.__table__
@@ -95,6 +97,7 @@ def studies(storage_url: str) -> list[dict[str, Any]]:
         frozen = storage.get_all_studies()
     with storage.engine.connect() as conn:
         rows = conn.execute(stmt).all()
+        ckpt_bytes = _checkpoint_bytes(conn)
     counts: dict[int, dict[str, int]] = {}
     first: dict[int, datetime] = {}
     last: dict[int, datetime] = {}
@@ -131,9 +134,33 @@ def studies(storage_url: str) -> list[dict[str, Any]]:
                 "sampler": fs.user_attrs.get("sampler"),
                 "pruner": fs.user_attrs.get("pruner"),
                 "budget": fs.user_attrs.get("budget"),
+                "checkpoint_mb": round(ckpt_bytes[sid] / 2**20, 3) if sid in ckpt_bytes else None,
             }
         )
     return result
+
+
+def _checkpoint_bytes(conn: sa.Connection) -> dict[int, int]:
+    """Bytes of checkpoints held now (``hpo.objectives.checkpoints``) per study that ever checkpointed: each trial's
+    ``checkpoint_bytes``, less those of failed trials whose re-queued copy took their checkpoint over."""
+    t = models.TrialModel.__table__
+    u, s = models.TrialUserAttributeModel.__table__, models.TrialSystemAttributeModel.__table__
+    sizes_stmt = (
+        sa.select(t.c.study_id, t.c.number, u.c.value_json)
+        .select_from(u.join(t, u.c.trial_id == t.c.trial_id))
+        .where(u.c.key == "checkpoint_bytes")
+    )
+    history_stmt = (
+        sa.select(t.c.study_id, s.c.value_json)
+        .select_from(s.join(t, s.c.trial_id == t.c.trial_id))
+        .where(s.c.key == "retry_history")
+    )
+    taken_over = {(sid, int(n)) for sid, value in conn.execute(history_stmt) for n in json.loads(value)}
+    sizes: dict[int, int] = {}
+    for study_id, number, value in conn.execute(sizes_stmt):
+        held = 0 if (study_id, number) in taken_over else int(json.loads(value) or 0)
+        sizes[study_id] = sizes.get(study_id, 0) + held
+    return sizes
 
 
 def _row(t: FrozenTrial) -> dict[str, Any]:

@@ -255,6 +255,20 @@ class TrainDefaults(_Strict):
     beta2: float = Field(0.999, ge=0, lt=1)
 
 
+class CheckpointSpec(_Strict):
+    """Preemption-safe trials (``hpo.checkpoints``): where and how often a training trial saves its state."""
+
+    #: Save at the end of every ``every_epochs``-th epoch; with ``every_steps`` also every that many steps.
+    every_epochs: int = Field(1, ge=1)
+    every_steps: int | None = Field(None, ge=1)
+    #: Optuna artifact store: ``filesystem`` (a folder every worker sees), ``boto3`` (S3 or compatible), ``gcs``.
+    store: Literal["filesystem", "boto3", "gcs"] = "filesystem"
+    #: The folder (filesystem; ``HPO_CHECKPOINT_DIR`` overrides it) or the bucket (boto3, gcs).
+    path: str = "hpo-checkpoints"
+    #: Keep the last checkpoint of a finished trial (default: delete it when the trial completes or is pruned).
+    keep: bool = False
+
+
 class TrainingObjective(_Strict):
     """The generic supervised loop: data, model, loss; per-epoch validation reported to the trial."""
 
@@ -267,6 +281,7 @@ class TrainingObjective(_Strict):
     threads: int | None = Field(None, ge=1)
     device: str = "cpu"
     evaluate_test: bool = False
+    checkpoint: CheckpointSpec | None = None
 
 
 class GrokkingObjective(_Strict):

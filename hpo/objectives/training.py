@@ -174,8 +174,11 @@ def train(
     device: str = "cpu",
     on_epoch: Any = None,
     check_stop: Any = None,
+    checkpoint: Any = None,
 ) -> tuple[nn.Module, list[EpochResult]]:
     """Train one configuration; ``on_epoch(result)`` runs after each epoch (reporting, pruning).
+
+    ``checkpoint``: a :class:`hpo.objectives.checkpoints.Checkpointer` to resume from and save to, or None.
 
     Raises:
         Diverged: the training or validation loss became NaN or infinite.
@@ -188,7 +191,7 @@ def train(
     model = build_model(obj, cfg, splits.input_shape, loss.n_out).to(device)
     opt = build_optimizer(cfg, list(model.parameters()))
     with _threads_for(model):
-        return _train_loop(model, opt, loss, splits, cfg, gen, device, on_epoch, check_stop)
+        return _train_loop(model, opt, loss, splits, cfg, gen, device, on_epoch, check_stop, checkpoint)
 
 
 @contextlib.contextmanager
@@ -217,6 +220,7 @@ def _train_loop(
     device: str,
     on_epoch: Any,
     check_stop: Any,
+    checkpoint: Any = None,
 ) -> tuple[nn.Module, list[EpochResult]]:
     x = torch.from_numpy(splits.x_train).to(device)
     y = loss.target(torch.from_numpy(splits.y_train)).to(device)
@@ -225,12 +229,35 @@ def _train_loop(
     n, bs = len(x), cfg.batch_size
     history: list[EpochResult] = []
     manual = MLPGradients(model, loss.kind) if isinstance(model, MLP) and isinstance(opt, LeanOptimizer) else None
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch, resumed = 1, None
+    if checkpoint is not None:
+        from hpo.objectives import Interrupted
+        from hpo.objectives.checkpoints import LoopState
+
+        checkpoint.extra["history"] = history
+        resumed = checkpoint.load(model, opt, device)
+        if resumed is not None:
+            gen.set_state(resumed.gen_state)
+            first_epoch = resumed.epoch + 1
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        gen_before = gen.get_state() if checkpoint is not None else None
         perm = torch.randperm(n, generator=gen).to(device)
         xs, ys = x[perm], y[perm]
         losses = []
-        for i in range(0, n, bs):
-            if check_stop is not None:
+        first = 0
+        if resumed is not None:  # the checkpoint's epoch goes on from the step it reached
+            losses, first, resumed = resumed.losses, resumed.step * bs, None
+        for i in range(first, n, bs):
+            if checkpoint is not None:
+                try:
+                    if check_stop is not None:
+                        check_stop()
+                except Interrupted:  # asked to stop: save where the loop stands, so the copy loses nothing
+                    checkpoint.save(model, opt, LoopState(epoch - 1, i // bs, losses, gen_before))
+                    raise
+                if i > first and checkpoint.due(False, epoch):
+                    checkpoint.save(model, opt, LoopState(epoch - 1, i // bs, losses, gen_before))
+            elif check_stop is not None:
                 check_stop()
             if manual is not None:
                 batch_loss, grads = manual(xs[i : i + bs], ys[i : i + bs])
@@ -252,6 +279,8 @@ def _train_loop(
         history.append(result)
         if on_epoch is not None:
             on_epoch(result)
+        if checkpoint is not None and checkpoint.due(True, epoch):
+            checkpoint.save(model, opt, LoopState(epoch, 0, [], gen.get_state()))
     return model, history
 
 
@@ -365,6 +394,11 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         raise optuna.exceptions.OptunaError(f"metric {metric!r} is not produced by the training objective")
     curve: list[float] = []
     started = time.perf_counter()
+    from hpo.objectives.checkpoints import checkpoint_for
+
+    ckpt = checkpoint_for(trial, obj.checkpoint)
+    if ckpt is not None:
+        ckpt.extra["curve"] = curve
 
     def on_epoch(r: EpochResult) -> None:
         curve.append(round(r.train_loss, 6))
@@ -376,9 +410,15 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
 
     try:
         model, history = train(
-            obj, ctx.params, ctx.seed, device=ctx.device, on_epoch=on_epoch, check_stop=ctx.check_stop
+            obj, ctx.params, ctx.seed, device=ctx.device, on_epoch=on_epoch, check_stop=ctx.check_stop, checkpoint=ckpt
         )
+    except optuna.TrialPruned:
+        if ckpt is not None:
+            ckpt.finish()
+        raise
     except Diverged as exc:
+        if ckpt is not None:
+            ckpt.finish()
         attrs = {"reason": "diverged", "diverged_epoch": exc.args[1], "epochs_reached": exc.args[1] - 1}
         set_trial_attrs(trial, {**attrs, "train_loss": curve})
         raise optuna.TrialPruned(f"diverged: {exc.args[0]}") from None
@@ -393,6 +433,8 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
     if obj.evaluate_test:
         done["test_accuracy"] = test_accuracy(obj, model, ctx.device)
     set_trial_attrs(trial, done)
+    if ckpt is not None:
+        ckpt.finish()
     return last.metric(metric)
 
 

@@ -1,0 +1,242 @@
+"""deploy/k8s/: the manifests checked by the Kubernetes Python client's models, and their commands run natively.
+
+No cluster runs here. Each manifest is read strictly into the ``kubernetes`` client's models (the OpenAPI types the
+API server serves: an unknown field anywhere, a wrong type or a missing required field fails), then the init Job's,
+the worker Job's and the dashboard's exact commands and environments run on this machine against the local
+PostgreSQL (host ``hpo-db`` pointed here, the Secret's files written to a folder), as ``tests/test_compose.py`` does
+for compose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import sqlalchemy
+import yaml
+from optuna.trial import TrialState
+
+from hpo.storage import open_storage
+
+from .conftest import ROOT, write_study
+
+K8S = ROOT / "deploy" / "k8s"
+client = pytest.importorskip("kubernetes.client", reason="the kubernetes Python client is in the [test] extra")
+PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+PASSWORDS = {"admin-password": "admin-pw", "worker-password": "worker-pw", "analyst-password": "analyst-pw"}
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs = [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    assert docs, "no manifests in deploy/k8s"
+    return docs
+
+
+def model_name(doc: dict[str, Any]) -> str:
+    version = doc["apiVersion"].rpartition("/")[2]
+    return f"{version.capitalize()}{doc['kind']}"  # batch/v1 Job -> V1Job
+
+
+def check_strictly(data: Any, type_name: str, path: str) -> None:
+    """``data`` has exactly the shape of the client's OpenAPI type ``type_name`` (no unknown keys, right types)."""
+    if type_name.lower().startswith("list["):
+        assert isinstance(data, list), f"{path}: a list expected"
+        for i, item in enumerate(data):
+            check_strictly(item, type_name[5:-1], f"{path}[{i}]")
+        return
+    if type_name.lower().startswith(("dict(", "dict[")):
+        assert isinstance(data, dict), f"{path}: a mapping expected"
+        inner = type_name[type_name.index(",") + 1 : -1].strip()
+        for key, value in data.items():
+            check_strictly(value, inner, f"{path}.{key}")
+        return
+    if type_name in PRIMITIVES:
+        ok = isinstance(data, PRIMITIVES[type_name]) and not (type_name == "int" and isinstance(data, bool))
+        assert ok, f"{path}: {type_name} expected, got {data!r}"
+        return
+    cls = getattr(client, type_name)
+    assert isinstance(data, dict), f"{path}: a {type_name} mapping expected"
+    fields = {json_key: attr for attr, json_key in cls.attribute_map.items()}
+    unknown = set(data) - set(fields)
+    assert not unknown, f"{path}: {type_name} has no field(s) {sorted(unknown)}"
+    for key, value in data.items():
+        check_strictly(value, cls.openapi_types[fields[key]], f"{path}.{key}")
+
+
+def by_kind(kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["template"]["spec"]
+
+
+def test_every_manifest_is_a_valid_kubernetes_object() -> None:
+    api = client.ApiClient()
+    kinds = set()
+    for doc in manifests():
+        name = model_name(doc)
+        check_strictly(doc, name, f"{doc['kind']}/{doc['metadata']['name']}")
+        obj = api.deserialize(
+            json.dumps(doc), name, "application/json"
+        )  # required fields and enums checked by the client's models
+        assert obj.metadata.name == doc["metadata"]["name"]
+        kinds.add(doc["kind"])
+    assert {"Secret", "Job", "Deployment", "Service", "NetworkPolicy"} <= kinds
+
+
+def test_worker_job_indexed_with_grace_and_the_password_as_a_file() -> None:
+    job = by_kind("Job", "hpo-workers")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["parallelism"] == spec["completions"] >= 2
+    assert spec["backoffLimit"] >= 1
+    pod = pod_spec(job)
+    assert pod["restartPolicy"] == "Never"
+    argv = pod["containers"][0]["command"]
+    grace = int(argv[argv.index("--grace") + 1])
+    assert pod["terminationGracePeriodSeconds"] > 60  # longer than a trial's stop path (one step + storing it)
+    assert grace >= 2 * int(argv[argv.index("--heartbeat") + 1])
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    secret_file = env["HPO_STORAGE_PASSWORD_FILE"]["value"]
+    [mount] = pod["containers"][0]["volumeMounts"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "hpo-db" and mount["readOnly"]
+    assert [i["path"] for i in volume["secret"]["items"]] == ["worker-password"]  # the worker's password only
+    assert secret_file == f"{mount['mountPath']}/worker-password"
+    assert "gpu" in (K8S / "40-workers-job.yaml").read_text()  # the GPU request, as an option
+
+
+def test_no_password_in_any_environment_or_command_and_roles_by_component() -> None:
+    secret = by_kind("Secret", "hpo-db")
+    assert set(secret["stringData"]) == set(PASSWORDS)
+    users = {}
+    for doc in manifests():
+        if "template" not in doc.get("spec", {}):
+            continue
+        for c in pod_spec(doc)["containers"]:
+            env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+            assert not any(k.endswith("PASSWORD") for k in env), f"{doc['metadata']['name']}: a password variable"
+            for value in [*env.values(), *c.get("command", [])]:
+                if "://" in value:
+                    assert ":" not in value.split("://", 1)[1].split("@")[0], f"a password in {value}"
+                    users[doc["metadata"]["labels"]["app.kubernetes.io/component"]] = value.split("://")[1].split("@")[
+                        0
+                    ]
+    assert users == {"worker": "hpo_worker", "dashboard": "hpo_analyst", "db-init": "hpo"}
+
+
+def test_network_policy_lets_only_workers_dashboard_and_init_reach_the_database() -> None:
+    policy = by_kind("NetworkPolicy", "hpo-db")
+    db = by_kind("StatefulSet", "hpo-db")
+    labels = db["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    [peer] = rule["from"]
+    assert set(peer) == {"podSelector"}  # pods of this namespace only, selected below
+    allowed = {e["key"]: set(e["values"]) for e in peer["podSelector"]["matchExpressions"]}
+
+    def admitted(doc: dict[str, Any]) -> bool:
+        pod_labels = doc["spec"]["template"]["metadata"]["labels"]
+        return all(pod_labels.get(k) in v for k, v in allowed.items())
+
+    pods = {d["metadata"]["name"]: d for d in manifests() if "template" in d.get("spec", {})}
+    assert {n for n, d in pods.items() if admitted(d)} == {"hpo-workers", "hpo-dashboard", "hpo-db-init"}
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion in a container's command."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def native(
+    doc: dict[str, Any], secrets: Path, database: str, roles: dict[str, str], index: int = 0
+) -> tuple[list[str], dict[str, str]]:
+    """A pod's command and environment as they would be in its container, with host ``hpo-db`` pointed at the local
+    server, the Secret's mount at a folder here and the role names made unique."""
+    container = pod_spec(doc)["containers"][0]
+    [mount] = container["volumeMounts"]
+    env: dict[str, str] = {}
+    for e in container["env"]:
+        if "value" in e:
+            value = e["value"]
+        else:
+            assert "job-completion-index" in e["valueFrom"]["fieldRef"]["fieldPath"]
+            value = str(index)
+        value = value.replace(mount["mountPath"], str(secrets)).replace(
+            "@hpo-db:5432/hpo", f"@127.0.0.1:5432/{database}"
+        )
+        for role, unique in roles.items():
+            value = value.replace(f"://{role}@", f"://{unique}@")
+        env[e["name"]] = value
+    argv = [expand(a, env) for a in container["command"]]
+    argv = [roles.get(a, a) if i and argv[i - 1].endswith("-role") else a for i, a in enumerate(argv)]
+    return argv, {**os.environ, **env}
+
+
+def test_init_worker_and_dashboard_commands_run_natively(postgres_url: str, study_name: str, tmp_path: Path) -> None:
+    url = sqlalchemy.engine.make_url(postgres_url)
+    tag = uuid.uuid4().hex[:8]
+    roles = {"hpo": url.username or "postgres", "hpo_worker": f"hpo_w_{tag}", "hpo_analyst": f"hpo_a_{tag}"}
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for key, pw in PASSWORDS.items():
+        (secrets / key).write_text(pw)
+    study = write_study(tmp_path / "study.yaml", study_name, budget={"n_trials": 4})
+    database = url.database or ""
+    try:
+        argv, env = native(by_kind("Job", "hpo-db-init"), secrets, database, roles)
+        init = subprocess.run(
+            [sys.executable, "-m", "hpo", *argv[1:]], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert init.returncode == 0, init.stderr
+
+        workers = by_kind("Job", "hpo-workers")
+        procs = []
+        for index in range(2):
+            argv, env = native(workers, secrets, database, roles, index)
+            assert (ROOT / argv[2]).is_file()  # the study file the image ships
+            argv[2] = str(study)
+            assert f"{roles['hpo_worker']}@" in env["HPO_STORAGE"] and argv[-2:] == ["--seed-offset", str(index)]
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "hpo", *argv[1:]], env=env, stderr=subprocess.PIPE, text=True)
+            )
+        for p in procs:
+            _, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stderr
+
+        argv, env = native(by_kind("Deployment", "hpo-dashboard"), secrets, database, roles)
+        assert argv[:2] == ["hpo", "dashboard"]
+        studies = subprocess.run(
+            [sys.executable, "-m", "hpo", "studies", "-f", "json"], env=env, capture_output=True, text=True
+        )
+        assert studies.returncode == 0 and study_name in studies.stdout, studies.stderr  # the analyst role reads
+        other = write_study(tmp_path / "other.yaml", f"other-{tag}")
+        denied = subprocess.run(
+            [sys.executable, "-m", "hpo", "create", str(other)],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert denied.returncode != 0
+    finally:
+        engine = sqlalchemy.create_engine(
+            postgres_url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool
+        )
+        with engine.connect() as conn:
+            for role in (roles["hpo_worker"], roles["hpo_analyst"]):
+                if conn.execute(sqlalchemy.text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).scalar():
+                    conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+                    conn.exec_driver_sql(f'DROP ROLE "{role}"')
+        engine.dispose()
+    storage = open_storage(postgres_url)
+    trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    storage.engine.dispose()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)

@@ -1,0 +1,245 @@
+"""``deploy/slurm/hpo-worker.sbatch`` on a real one-node Slurm cluster started by the test.
+
+The cluster is Debian's ``slurm-wlm`` with ``munge`` (``.ci/run`` installs both): a configuration generated in a
+temporary folder, ``munged``, ``slurmctld`` and ``slurmd`` started for the test and stopped after it. An array of four
+``hpo worker`` tasks runs a PostgreSQL study to its budget; one task is cancelled with ``scancel`` mid-trial, and its
+trial is re-queued and finished by another task.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo.storage import open_storage
+
+from .conftest import ROOT, hpo_cli, write_study
+
+TESTS = Path(__file__).resolve().parent
+SCRIPT = ROOT / "deploy" / "slurm" / "hpo-worker.sbatch"
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scancel", "squeue", "scontrol")
+
+pytestmark = pytest.mark.slow
+
+
+def _missing() -> list[str]:
+    return [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+SLURM_CONF = """\
+ClusterName=hpotest
+SlurmctldHost={host}
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={dir}/munge.socket
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+ReturnToService=2
+KillWait=30
+SchedulerParameters=sched_interval=1
+NodeName={host} CPUs=8 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class Cluster:
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+        self.conf = folder / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        done = subprocess.run([_exe(cmd[0]), *cmd[1:]], env=self.env, capture_output=True, text=True, timeout=60)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def start(self) -> None:
+        d = self.dir
+        for sub in ("state", "spool"):
+            (d / sub).mkdir(mode=0o700)
+        key = d / "munge.key"
+        subprocess.run([_exe("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
+        host = socket.gethostname().split(".")[0]
+        self.conf.write_text(SLURM_CONF.format(host=host, dir=d, ctld_port=_free_port(), d_port=_free_port()))
+        munge = [
+            _exe("munged"), "--foreground", "--force", f"--socket={d}/munge.socket", f"--key-file={key}",
+            f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log", f"--seed-file={d}/munged.seed",
+        ]  # fmt: skip
+        self.procs.append(subprocess.Popen(munge, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self._wait(lambda: (d / "munge.socket").exists(), "munged")
+        for daemon in ("slurmctld", "slurmd"):
+            self.procs.append(
+                subprocess.Popen(
+                    [_exe(daemon), "-D", "-f", str(self.conf)],
+                    env=self.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        self._wait(lambda: "idle" in self.run("sinfo", "-h", "-o", "%t", check=False), "the node to be idle")
+
+    def _wait(self, cond: object, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():  # type: ignore[operator]
+                return
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise AssertionError(f"{p.args[0]} exited ({p.returncode}) while waiting for {what}: {self.logs()}")
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}: {self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(self.dir.glob("*.log")) if f.is_file()
+        )
+
+    def stop(self) -> None:
+        self.run("scancel", "--full", "--name", "hpo-worker", check=False)
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    missing = _missing()
+    if missing:
+        pytest.skip(f"Slurm/munge not installed ({', '.join(missing)}): apt-get install slurm-wlm munge (.ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster runs slurmd as root (it starts jobs as their users)")
+    folder = Path(tempfile.mkdtemp(prefix="hpo-slurm-"))
+    folder.chmod(0o700)
+    c = Cluster(folder)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
+
+
+def test_job_array_meets_the_budget_and_a_cancelled_task_trial_is_finished_by_another(
+    cluster: Cluster, postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    budget = 12
+    study = write_study(
+        tmp_path / "study.yaml",
+        study_name,
+        objective={"kind": "worker_objectives:sleepy", "sleep": 3.0, "marker_dir": str(markers)},
+        space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
+        sampler={"name": "random", "seed": 0},
+        budget={"n_trials": budget},
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    assert hpo_cli("create", str(study), "--storage", postgres_url, env=env).returncode == 0
+    url_file = tmp_path / "storage-url"
+    url_file.write_text(postgres_url + "\n")
+    url_file.chmod(0o600)
+    cluster.env.update(
+        env,
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        HPO_STUDY=study_name,
+        HPO_STORAGE_FILE=str(url_file),
+        HPO_WORKER_ARGS="--heartbeat 1 --grace 3 --quiet",
+    )
+    cluster.env.pop("HPO_STORAGE", None)
+    out = cluster.run("sbatch", "--parsable", f"--chdir={tmp_path}", "--array=0-3", str(SCRIPT))
+    job = out.strip().split(";")[0]
+
+    # Wait for a task to run a trial, find that task's own job id by its worker's pid, and cancel it.
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None:
+        assert time.monotonic() < deadline, f"no task started a trial: {cluster.logs()}"
+        running: dict[int, int] = {}  # each worker's latest trial
+        for f in markers.iterdir():
+            pid, n = map(int, f.name.split("-"))
+            running[pid] = max(n, running.get(pid, -1))
+        for line in cluster.run("scontrol", "listpids", check=False).splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 3 and fields[0].isdigit() and int(fields[0]) in running:
+                victim = (fields[1], running[int(fields[0])])
+                break
+        time.sleep(0.2)
+    raw_id, number = victim
+    ids = dict(line.split() for line in cluster.run("squeue", "-h", "-o", "%A %i").splitlines())
+    task_job = ids[raw_id]  # JOB_TASK: scancel takes an array task by that name
+    cluster.run("scancel", task_job)
+
+    deadline = time.monotonic() + 240
+    while cluster.run("squeue", "-h", "-j", job, check=False).strip():
+        assert time.monotonic() < deadline, f"the array did not finish: {cluster.logs()}"
+        time.sleep(1)
+
+    ts = _trials(postgres_url, study_name)
+    assert [t.number for t in ts if t.state == TrialState.RUNNING] == []
+    requeued = {n for t in ts for n in t.system_attrs.get("retry_history", ())}
+    counted = [
+        t for t in ts if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.number not in requeued)
+    ]
+    assert len(counted) == budget and all(t.state == TrialState.COMPLETE for t in counted)
+    cancelled = next(t for t in ts if t.number == number)
+    assert cancelled.state == TrialState.FAIL and cancelled.user_attrs["reason"] == "interrupted"
+    [copy] = [t for t in ts if t.system_attrs.get("failed_trial") == number]
+    assert copy.state == TrialState.COMPLETE and copy.params == cancelled.params
+    assert copy.user_attrs["worker"] != cancelled.user_attrs["worker"]  # another task finished it
+    outputs = "".join(f.read_text() for f in tmp_path.glob(f"hpo-worker-{job}_*.out"))
+    assert "array task" in outputs and postgres_url not in outputs  # the URL stays out of logs and command lines
+    print(f"slurm: budget {budget}, {len(ts)} trials stored, trial {number} cancelled in job {task_job}, "
+          f"finished as trial {copy.number} by {copy.user_attrs['worker']}")  # fmt: skip
