@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -84,6 +85,13 @@ def _user_errors(fn: F) -> F:
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False) -> None:
     import optuna
 
+    from hpo.checks import check_not_shadowed
+
+    try:
+        check_not_shadowed()  # before any command reads or writes anything
+    except HpoError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -132,6 +140,13 @@ def run(
     url = resolve_url(storage, spec.storage)
     create(spec, url)
     budget = n_trials if n_trials is not None else spec.budget.n_trials
+    if n_trials is None and "budget" not in spec.model_fields_set:
+        err.print(
+            f"no budget in {study_file}: running {budget} trials (the default; set budget: {{n_trials: N}})",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     threads = threads or default_threads(workers)
     with _progress(spec.name, url, budget) as poll:
         if workers == 1:
@@ -155,7 +170,7 @@ def run(
             )  # fmt: skip
     _summary(spec.name, url)
     out.print(
-        f"stored in {mask(url)} (read it with: optuna trials --study-name {spec.name} --storage '{mask(url)}')",
+        f"stored in {mask(url)} (read it with: hpo trials {shlex.quote(spec.name)} --storage '{mask(url)}')",
         highlight=False,
         soft_wrap=True,
     )
@@ -438,6 +453,10 @@ StateOpt = Annotated[
     ),
 ]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=0, help="At most this many rows.")]
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option("--columns", help="Comma-separated columns to show, in order (names or headers), for table and csv."),
+]
 
 
 def _jsonable(v: Any) -> Any:
@@ -482,12 +501,25 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _emit(rows: list[dict[str, Any]], fmt: OutputFormat, title: str, columns: list[str] | None = None) -> None:
-    """Print rows as a rich table, raw JSON (a list of objects) or CSV on stdout."""
+def _emit(
+    rows: list[dict[str, Any]],
+    fmt: OutputFormat,
+    title: str,
+    columns: list[str] | None = None,
+    wanted: str | None = None,
+    all_columns: list[str] | None = None,
+) -> None:
+    """Print rows as a rich table fitted to the terminal, raw JSON (a list of objects) or CSV on stdout.
+
+    ``wanted`` (``--columns``) picks among ``all_columns`` (default: ``columns``)."""
     import csv
     import json
 
+    from hpo.output import fit_table, pick
+
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    if wanted:
+        columns = pick(all_columns or columns, wanted)
     if fmt == OutputFormat.json:
         sys.stdout.write(json.dumps([_jsonable(r) for r in rows], indent=2, allow_nan=False) + "\n")
     elif fmt == OutputFormat.csv:
@@ -496,14 +528,10 @@ def _emit(rows: list[dict[str, Any]], fmt: OutputFormat, title: str, columns: li
         for r in rows:
             writer.writerow([_cell(r.get(c)) for c in columns])
     else:
-        from rich.table import Table
-
-        table = Table(title=title, title_justify="left")
-        for c in columns:
-            table.add_column(c, overflow="fold")
-        for r in rows:
-            table.add_row(*[_cell(r.get(c)) for c in columns])
-        out.print(table)
+        fitted = fit_table(rows, columns, out.width, title, _cell)
+        out.print(fitted.table)
+        if fitted.note():
+            err.print(fitted.note(), highlight=False, soft_wrap=True)
 
 
 def _records(df: Any) -> list[dict[str, Any]]:
@@ -512,20 +540,24 @@ def _records(df: Any) -> list[dict[str, Any]]:
 
 @app.command()
 @_user_errors
-def studies(storage: StorageOpt = None, fmt: FormatOpt = OutputFormat.table, limit: LimitOpt = None) -> None:
+def studies(
+    storage: StorageOpt = None, fmt: FormatOpt = OutputFormat.table, limit: LimitOpt = None, columns: ColumnsOpt = None
+) -> None:
     """List the studies in a storage: trial counts by state, best value, created / updated, sampler and pruner."""
     from hpo import query
     from hpo.storage import mask, resolve_url
 
     url = resolve_url(storage)
     rows = query.studies(url)[:limit]
+    every = list(dict.fromkeys(k for r in rows for k in r))
     if fmt == OutputFormat.table:
         for r in rows:
             r["sampler"] = (r["sampler"] or {}).get("name") if isinstance(r["sampler"], dict) else r["sampler"]
             r["pruner"] = (r["pruner"] or {}).get("name") if isinstance(r["pruner"], dict) else r["pruner"]
-            for key in ("budget", "waiting", "best_trial", "metric"):
-                r.pop(key, None)
-    _emit(rows, fmt, f"studies in {mask(url)}")
+            if not columns:
+                for key in ("budget", "waiting", "best_trial", "metric"):
+                    r.pop(key, None)
+    _emit(rows, fmt, f"studies in {mask(url)}", wanted=columns, all_columns=every)
 
 
 @app.command()
@@ -536,15 +568,22 @@ def trials(
     fmt: FormatOpt = OutputFormat.table,
     state: StateOpt = None,
     limit: LimitOpt = None,
+    columns: ColumnsOpt = None,
 ) -> None:
-    """Trials of a study (params, value, state, duration, epochs reached, pruning reason, seed, device)."""
+    """Trials of a study (params, value, state, duration, epochs reached, pruning reason, seed, device).
+
+    JSON: one object per trial in the schema ``hpo best -f json`` shares (README: "Output for scripts")."""
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
+    if fmt == OutputFormat.json:
+        _emit(query.trial_records(url, name, states=state, limit=limit), fmt, "")
+        return
     df = query.trials(url, name, states=state, limit=limit)
+    every = list(df.columns)
     if fmt == OutputFormat.table:
         df = df.drop(columns=[c for c in ("datetime_start", "datetime_complete", "worker") if c in df])
-    _emit(_records(df), fmt, f"trials of {name}", list(df.columns))
+    _emit(_records(df), fmt, f"trials of {name}", list(df.columns), wanted=columns, all_columns=every)
 
 
 @app.command()
@@ -554,8 +593,9 @@ def best(
     storage: StorageOpt = None,
     fmt: FormatOpt = OutputFormat.table,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many of the best trials.")] = 1,
+    columns: ColumnsOpt = None,
 ) -> None:
-    """The best COMPLETE trial(s) of a study, best first."""
+    """The best COMPLETE trial(s) of a study, best first (JSON: the schema of ``hpo trials -f json``)."""
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
@@ -576,7 +616,7 @@ def best(
         }
         for r in rows
     ]
-    _emit(flat, fmt, f"best trials of {name}")
+    _emit(flat, fmt, f"best trials of {name}", wanted=columns)
 
 
 @app.command()
