@@ -531,7 +531,7 @@ def _emit(
         fitted = fit_table(rows, columns, out.width, title, _cell)
         out.print(fitted.table)
         if fitted.note():
-            err.print(fitted.note(), highlight=False, soft_wrap=True)
+            out.print(fitted.note(), style="dim", highlight=False, markup=False)
 
 
 def _records(df: Any) -> list[dict[str, Any]]:
@@ -606,11 +606,12 @@ def best(
     if fmt == OutputFormat.json:
         _emit(rows, fmt, "")
         return
+    names = query.study_params(url, name)  # columns from the study, not from the trials shown
     flat = [
         {
             "number": r["number"],
             "value": r["value"],
-            **{f"params_{k}": v for k, v in r["params"].items()},
+            **{f"params_{k}": r["params"].get(k) for k in names},
             "duration": r["duration"],
             "seed": r["user_attrs"].get("seed"),
         }

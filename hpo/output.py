@@ -28,6 +28,7 @@ LABELS: dict[str, str] = {
 #: Columns whose cells are never cut (a name or number cut in two misleads); others fold when the terminal is narrow.
 WHOLE: frozenset[str] = frozenset({"number", "name", "state", "value", "best_value", "param"})
 MAX_WIDTH = 40  # no column wider than this while others are left out
+LONG_WORD = 16  # a word in a cell longer than this may fold (a long path, an error message)
 EDGE = 1  # a table's left border; each column adds its padding (2) and right border (1)
 PER_COLUMN = 3
 
@@ -36,8 +37,9 @@ def label(column: str, columns: Sequence[str] = ()) -> str:
     """The header shown for a column: ``params_lr`` -> ``lr`` (unless another column is called ``lr``)."""
     if column.startswith("params_"):
         short = column.removeprefix("params_")
-        return short if short not in columns and short not in LABELS.values() else column
-    return LABELS.get(column, column)
+        return short if short not in columns else column
+    short = LABELS.get(column, column)
+    return short if short == column or f"params_{short}" not in columns else column  # a parameter's name wins
 
 
 def pick(columns: Sequence[str], wanted: str | None) -> list[str]:
@@ -60,6 +62,12 @@ def pick(columns: Sequence[str], wanted: str | None) -> list[str]:
         if by_name[name] not in chosen:
             chosen.append(by_name[name])
     return chosen
+
+
+def _word(text: str) -> int:
+    """The longest word of a cell, up to :data:`LONG_WORD`: a cell wraps at its spaces, and only a longer word
+    folds."""
+    return min(max((len(w) for w in text.split()), default=0), LONG_WORD)
 
 
 @dataclass
@@ -93,7 +101,7 @@ def fit_table(
     labels = {c: label(c, columns) for c in columns}
     cells = {c: [cell(r.get(c)) for r in rows] for c in columns}
     natural = {c: max([len(labels[c]), *(len(x) for x in cells[c])]) for c in columns}
-    minimum = {c: natural[c] if c in WHOLE else max(len(w) for w in labels[c].split() or [""]) for c in columns}
+    minimum = {c: natural[c] if c in WHOLE else max([len(labels[c]), *(_word(x) for x in cells[c])]) for c in columns}
     kept: list[str] = []
     used = EDGE
     for c in columns:

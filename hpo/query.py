@@ -188,6 +188,17 @@ def param_names(storage: optuna.storages.RDBStorage, study_id: int) -> list[str]
     return sorted(names)
 
 
+def study_params(storage_url: str, study: str) -> list[str]:
+    """The parameter names of a study (:func:`param_names`), sorted; for columns that do not depend on which trials
+    were read.
+
+    Raises:
+        StudyError: no such study.
+    """
+    storage = _storage(storage_url)
+    return param_names(storage, _study_id(storage, study, storage_url))
+
+
 def _frame(trials: Sequence[FrozenTrial], names: Sequence[str] = ()) -> pd.DataFrame:
     rows = [_row(t) for t in trials]
     df = pd.DataFrame(rows)

@@ -17,3 +17,18 @@ def loss(trial: Any) -> float:
 def with_context(trial: Any, ctx: Any) -> float:
     """An objective that asks for hpo's context: returns its option ``offset`` plus the space's ``x``."""
     return float(ctx.options["offset"]) + float(ctx.params["x"])
+
+
+def nine(trial: Any) -> float:
+    """Nine parameters with long names, as a real study has; some only in some trials (``dropout_rate``)."""
+    lr = trial.suggest_float("learning_rate", 1e-4, 1.0, log=True)
+    trial.suggest_int("batch_size", 16, 1024, log=True)
+    trial.suggest_float("weight_decay", 0.0, 0.1)
+    trial.suggest_float("momentum", 0.0, 0.99)
+    optimizer = trial.suggest_categorical("optimizer", ["sgd", "adam", "rmsprop"])
+    trial.suggest_int("hidden_units", 4, 256)
+    trial.suggest_categorical("activation", ["relu", "tanh"])
+    trial.suggest_int("epochs", 1, 50)
+    if optimizer == "adam":
+        trial.suggest_float("dropout_rate", 0.0, 0.5)
+    return lr
