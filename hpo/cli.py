@@ -19,7 +19,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hpo.errors import HpoError, StudyError
 
@@ -148,7 +147,9 @@ def run(
             markup=False,
         )
     threads = threads or default_threads(workers)
-    with _progress(spec.name, url, budget) as poll:
+    from hpo.progress import StudyProgress
+
+    with StudyProgress(spec.name, url, budget, console=err) as poll:
         if workers == 1:
             opts = WorkerOptions(
                 heartbeat_interval=heartbeat,
@@ -219,58 +220,6 @@ def _run_processes(
     return stopped
 
 
-class _progress:
-    """A rich progress bar fed by polling the storage: trials done / budget, best so far, pruned, failed."""
-
-    def __init__(self, name: str, url: str, budget: int | None) -> None:
-        self.name, self.url, self.budget = name, url, budget
-        self.last = 0.0
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=err,
-            transient=False,
-        )
-
-    def __enter__(self) -> Callable[[], None]:
-        import optuna
-
-        from hpo.storage import open_storage
-
-        self.study = optuna.load_study(study_name=self.name, storage=open_storage(self.url))
-        self.task = self.bar.add_task(self.name, total=self.budget, info="")
-        self.bar.start()
-        self.poll(force=True)
-        return self.poll
-
-    def poll(self, force: bool = True) -> None:
-        from optuna.trial import TrialState
-
-        now = time.monotonic()
-        if not force and now - self.last < 0.5:
-            return
-        self.last = now
-        trials = self.study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state.is_finished()]
-        complete = [t for t in done if t.state == TrialState.COMPLETE]
-        pruned = sum(t.state == TrialState.PRUNED for t in done)
-        failed = sum(t.state == TrialState.FAIL for t in done)
-        best = ""
-        if complete:
-            pick = max if self.study.direction.name == "MAXIMIZE" else min
-            best = f"best {pick(t.value for t in complete):.4g}  "
-        self.bar.update(self.task, completed=len(done), info=f"{best}pruned {pruned}  failed {failed}")
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self.poll()
-        finally:
-            self.bar.stop()
-
-
 def _summary(name: str, url: str) -> None:
     import optuna
 
@@ -318,13 +267,33 @@ def worker(
     seed_offset: Annotated[
         int | None, typer.Option(help="Added to the sampler's seed (default: the process id, so workers differ).")
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="Print nothing on success (no line per trial, no progress view, no summary).")
+    ] = False,
     population: PopulationOpt = None,
 ) -> None:
-    """Pull trials of a study until its global budget is met (run many of these, on many machines)."""
-    from hpo.worker import WorkerOptions, run_worker
+    """Pull trials of a study until its global budget is met (run many of these, on many machines).
+
+    Says what it does: a line per finished trial (plain log lines off a terminal, for docker logs and Slurm output
+    files) and, on a terminal, a live progress view of the study."""
+    from hpo.progress import StudyProgress, TrialLog
+    from hpo.worker import WorkerOptions, create, run_worker
 
     spec, url, name = _spec_and_url(study, storage)
+    live = None
+    on_trial = None
+    if not quiet and err.is_terminal:
+        if spec is not None:
+            create(spec, url)
+        budget = n_trials if n_trials is not None else (spec.budget.n_trials if spec is not None else None)
+        live = StudyProgress(name, url, budget, console=err)
+    elif not quiet:
+        on_trial = TrialLog(spec.metric if spec is not None else "value")
+        from hpo.storage import mask
+
+        on_trial.log.info(
+            "worker %s:%d: pulling trials of %s from %s", os.uname().nodename, os.getpid(), name, mask(url)
+        )
     opts = WorkerOptions(
         heartbeat_interval=heartbeat,
         grace_period=grace,
@@ -336,8 +305,14 @@ def worker(
         db_retry_for=db_retry_for,
         seed_offset=seed_offset,
         population=population,
+        on_trial=on_trial,
     )
-    result = run_worker(spec if spec is not None else name, url, opts)
+    if live is not None:
+        with live as poll:
+            opts.on_trial = lambda _t: poll()
+            result = run_worker(spec if spec is not None else name, url, opts)
+    else:
+        result = run_worker(spec if spec is not None else name, url, opts)
     if not quiet:
         out.print(
             f"worker done ({result.reason}): ran {result.ran} trials, {result.complete} complete, "
