@@ -51,6 +51,7 @@ from optuna.trial import TrialState
 
 from hpo import data as data_sources
 from hpo import space as search_space
+from hpo import threads as hpo_threads
 from hpo.errors import HpoError
 from hpo.models import ACTIVATION_FNS, cnn
 from hpo.objectives import trial_seed
@@ -631,6 +632,7 @@ def run_population(
     assert isinstance(obj, TrainingObjective)
     metric = spec.metric
     trainer = PopulationTrainer(obj, device)
+    threads = hpo_threads.for_step(largest_model(spec) * size, ROW_BUDGET, threads)  # hpo.threads: a tick's work
     live: dict[int, _Live] = {}
     view = _StudyView(study)
     reports = _Reports(study._storage)
@@ -731,7 +733,7 @@ def run_population(
             set_trial_attrs(trial, values)
             finish(number, TrialState.COMPLETE, value)
 
-    with _Heartbeats(storage, opts.heartbeat_interval, url) as beats:
+    with _Heartbeats(storage, opts.heartbeat_interval, url) as beats, hpo_threads.use(threads) as threads:
         try:
             while True:
                 if asking and not stop.is_set() and len(live) < size:
