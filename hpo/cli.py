@@ -9,6 +9,7 @@ import contextlib
 import functools
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +21,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hpo.errors import HpoError, StudyError
 
@@ -90,6 +90,13 @@ def _user_errors(fn: F) -> F:
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False) -> None:
     import optuna
 
+    from hpo.checks import check_not_shadowed
+
+    try:
+        check_not_shadowed()  # before any command reads or writes anything
+    except HpoError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -138,8 +145,17 @@ def run(
     url = resolve_url(storage, spec.storage)
     create(spec, url, grace=grace if grace is not None else 2 * heartbeat)
     budget = n_trials if n_trials is not None else spec.budget.n_trials
+    if n_trials is None and "budget" not in spec.model_fields_set:
+        err.print(
+            f"no budget in {study_file}: running {budget} trials (the default; set budget: {{n_trials: N}})",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     threads = threads or default_threads(workers)
-    with _progress(spec.name, url, budget) as poll:
+    from hpo.progress import StudyProgress
+
+    with StudyProgress(spec.name, url, budget, console=err) as poll:
         if workers == 1:
             opts = WorkerOptions(
                 heartbeat_interval=heartbeat,
@@ -161,7 +177,7 @@ def run(
             )  # fmt: skip
     _summary(spec.name, url)
     out.print(
-        f"stored in {mask(url)} (read it with: optuna trials --study-name {spec.name} --storage '{mask(url)}')",
+        f"stored in {mask(url)} (read it with: hpo trials {shlex.quote(spec.name)} --storage '{mask(url)}')",
         highlight=False,
         soft_wrap=True,
     )
@@ -223,58 +239,6 @@ def _run_processes(
     return stopped
 
 
-class _progress:
-    """A rich progress bar fed by polling the storage: trials done / budget, best so far, pruned, failed."""
-
-    def __init__(self, name: str, url: str, budget: int | None) -> None:
-        self.name, self.url, self.budget = name, url, budget
-        self.last = 0.0
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=err,
-            transient=False,
-        )
-
-    def __enter__(self) -> Callable[[], None]:
-        import optuna
-
-        from hpo.storage import open_storage
-
-        self.study = optuna.load_study(study_name=self.name, storage=open_storage(self.url))
-        self.task = self.bar.add_task(self.name, total=self.budget, info="")
-        self.bar.start()
-        self.poll(force=True)
-        return self.poll
-
-    def poll(self, force: bool = True) -> None:
-        from optuna.trial import TrialState
-
-        now = time.monotonic()
-        if not force and now - self.last < 0.5:
-            return
-        self.last = now
-        trials = self.study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state.is_finished()]
-        complete = [t for t in done if t.state == TrialState.COMPLETE]
-        pruned = sum(t.state == TrialState.PRUNED for t in done)
-        failed = sum(t.state == TrialState.FAIL for t in done)
-        best = ""
-        if complete:
-            pick = max if self.study.direction.name == "MAXIMIZE" else min
-            best = f"best {pick(t.value for t in complete):.4g}  "
-        self.bar.update(self.task, completed=len(done), info=f"{best}pruned {pruned}  failed {failed}")
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self.poll()
-        finally:
-            self.bar.stop()
-
-
 def _summary(name: str, url: str) -> None:
     import optuna
 
@@ -327,13 +291,33 @@ def worker(
     seed_offset: Annotated[
         int | None, typer.Option(help="Added to the sampler's seed (default: the process id, so workers differ).")
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="Print nothing on success (no line per trial, no progress view, no summary).")
+    ] = False,
     population: PopulationOpt = None,
 ) -> None:
-    """Pull trials of a study until its global budget is met (run many of these, on many machines)."""
-    from hpo.worker import WorkerOptions, run_worker
+    """Pull trials of a study until its global budget is met (run many of these, on many machines).
+
+    Says what it does: a line per finished trial (plain log lines off a terminal, for docker logs and Slurm output
+    files) and, on a terminal, a live progress view of the study."""
+    from hpo.progress import StudyProgress, TrialLog
+    from hpo.worker import WorkerOptions, create, run_worker
 
     spec, url, name = _spec_and_url(study, storage)
+    live = None
+    on_trial = None
+    if not quiet and err.is_terminal:
+        if spec is not None:
+            create(spec, url)
+        budget = n_trials if n_trials is not None else (spec.budget.n_trials if spec is not None else None)
+        live = StudyProgress(name, url, budget, console=err)
+    elif not quiet:
+        on_trial = TrialLog(spec.metric if spec is not None else "value")
+        from hpo.storage import mask
+
+        on_trial.log.info(
+            "worker %s:%d: pulling trials of %s from %s", os.uname().nodename, os.getpid(), name, mask(url)
+        )
     opts = WorkerOptions(
         heartbeat_interval=heartbeat,
         grace_period=grace,
@@ -346,8 +330,14 @@ def worker(
         stop_timeout=stop_timeout,
         seed_offset=seed_offset,
         population=population,
+        on_trial=on_trial,
     )
-    result = run_worker(spec if spec is not None else name, url, opts)
+    if live is not None:
+        with live as poll:
+            opts.on_trial = lambda _t: poll()
+            result = run_worker(spec if spec is not None else name, url, opts)
+    else:
+        result = run_worker(spec if spec is not None else name, url, opts)
     if not quiet:
         out.print(
             f"worker done ({result.reason}): ran {result.ran} trials, {result.complete} complete, "
@@ -481,6 +471,10 @@ StateOpt = Annotated[
     ),
 ]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=0, help="At most this many rows.")]
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option("--columns", help="Comma-separated columns to show, in order (names or headers), for table and csv."),
+]
 
 
 def _jsonable(v: Any) -> Any:
@@ -525,12 +519,25 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _emit(rows: list[dict[str, Any]], fmt: OutputFormat, title: str, columns: list[str] | None = None) -> None:
-    """Print rows as a rich table, raw JSON (a list of objects) or CSV on stdout."""
+def _emit(
+    rows: list[dict[str, Any]],
+    fmt: OutputFormat,
+    title: str,
+    columns: list[str] | None = None,
+    wanted: str | None = None,
+    all_columns: list[str] | None = None,
+) -> None:
+    """Print rows as a rich table fitted to the terminal, raw JSON (a list of objects) or CSV on stdout.
+
+    ``wanted`` (``--columns``) picks among ``all_columns`` (default: ``columns``)."""
     import csv
     import json
 
+    from hpo.output import fit_table, pick
+
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    if wanted:
+        columns = pick(all_columns or columns, wanted)
     if fmt == OutputFormat.json:
         sys.stdout.write(json.dumps([_jsonable(r) for r in rows], indent=2, allow_nan=False) + "\n")
     elif fmt == OutputFormat.csv:
@@ -539,14 +546,10 @@ def _emit(rows: list[dict[str, Any]], fmt: OutputFormat, title: str, columns: li
         for r in rows:
             writer.writerow([_cell(r.get(c)) for c in columns])
     else:
-        from rich.table import Table
-
-        table = Table(title=title, title_justify="left")
-        for c in columns:
-            table.add_column(c, overflow="fold")
-        for r in rows:
-            table.add_row(*[_cell(r.get(c)) for c in columns])
-        out.print(table)
+        fitted = fit_table(rows, columns, out.width, title, _cell)
+        out.print(fitted.table)
+        if fitted.note():
+            out.print(fitted.note(), style="dim", highlight=False, markup=False)
 
 
 def _records(df: Any) -> list[dict[str, Any]]:
@@ -555,20 +558,24 @@ def _records(df: Any) -> list[dict[str, Any]]:
 
 @app.command()
 @_user_errors
-def studies(storage: StorageOpt = None, fmt: FormatOpt = OutputFormat.table, limit: LimitOpt = None) -> None:
+def studies(
+    storage: StorageOpt = None, fmt: FormatOpt = OutputFormat.table, limit: LimitOpt = None, columns: ColumnsOpt = None
+) -> None:
     """List the studies in a storage: trial counts by state, best value, created / updated, sampler and pruner."""
     from hpo import query
     from hpo.storage import mask, resolve_url
 
     url = resolve_url(storage)
     rows = query.studies(url)[:limit]
+    every = list(dict.fromkeys(k for r in rows for k in r))
     if fmt == OutputFormat.table:
         for r in rows:
             r["sampler"] = (r["sampler"] or {}).get("name") if isinstance(r["sampler"], dict) else r["sampler"]
             r["pruner"] = (r["pruner"] or {}).get("name") if isinstance(r["pruner"], dict) else r["pruner"]
-            for key in ("budget", "waiting", "best_trial", "metric"):
-                r.pop(key, None)
-    _emit(rows, fmt, f"studies in {mask(url)}")
+            if not columns:
+                for key in ("budget", "waiting", "best_trial", "metric"):
+                    r.pop(key, None)
+    _emit(rows, fmt, f"studies in {mask(url)}", wanted=columns, all_columns=every)
 
 
 @app.command()
@@ -579,15 +586,22 @@ def trials(
     fmt: FormatOpt = OutputFormat.table,
     state: StateOpt = None,
     limit: LimitOpt = None,
+    columns: ColumnsOpt = None,
 ) -> None:
-    """Trials of a study (params, value, state, duration, epochs reached, pruning reason, seed, device)."""
+    """Trials of a study (params, value, state, duration, epochs reached, pruning reason, seed, device).
+
+    JSON: one object per trial in the schema ``hpo best -f json`` shares (README: "Output for scripts")."""
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
+    if fmt == OutputFormat.json:
+        _emit(query.trial_records(url, name, states=state, limit=limit), fmt, "")
+        return
     df = query.trials(url, name, states=state, limit=limit)
+    every = list(df.columns)
     if fmt == OutputFormat.table:
         df = df.drop(columns=[c for c in ("datetime_start", "datetime_complete", "worker") if c in df])
-    _emit(_records(df), fmt, f"trials of {name}", list(df.columns))
+    _emit(_records(df), fmt, f"trials of {name}", list(df.columns), wanted=columns, all_columns=every)
 
 
 @app.command()
@@ -597,8 +611,9 @@ def best(
     storage: StorageOpt = None,
     fmt: FormatOpt = OutputFormat.table,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many of the best trials.")] = 1,
+    columns: ColumnsOpt = None,
 ) -> None:
-    """The best COMPLETE trial(s) of a study, best first."""
+    """The best COMPLETE trial(s) of a study, best first (JSON: the schema of ``hpo trials -f json``)."""
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
@@ -609,17 +624,18 @@ def best(
     if fmt == OutputFormat.json:
         _emit(rows, fmt, "")
         return
+    names = query.study_params(url, name)  # columns from the study, not from the trials shown
     flat = [
         {
             "number": r["number"],
             "value": r["value"],
-            **{f"params_{k}": v for k, v in r["params"].items()},
+            **{f"params_{k}": r["params"].get(k) for k in names},
             "duration": r["duration"],
             "seed": r["user_attrs"].get("seed"),
         }
         for r in rows
     ]
-    _emit(flat, fmt, f"best trials of {name}")
+    _emit(flat, fmt, f"best trials of {name}", wanted=columns)
 
 
 @app.command()

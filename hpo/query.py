@@ -184,13 +184,67 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
     return row
 
 
-def _frame(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    """One trial in the schema that ``hpo trials -f json`` and ``hpo best -f json`` share (see the README).
+
+    Keys: ``number``, ``state``, ``value`` (a list for several objectives, None unless finished with one),
+    ``params`` (name -> value), ``datetime_start``, ``datetime_complete`` (ISO 8601 or None), ``duration``
+    (seconds or None), ``user_attrs`` (every user attribute: seed, device, threads, reason, ...).
+    """
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value if t.values is not None and len(t.values) == 1 else (t.values and list(t.values)),
+        "params": dict(t.params),
+        "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+        "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        "duration": t.duration.total_seconds() if t.duration is not None else None,
+        "user_attrs": dict(t.user_attrs),
+    }
+
+
+def param_names(storage: optuna.storages.RDBStorage, study_id: int) -> list[str]:
+    """Every parameter of a study, sorted: its stored study file's space and any parameter a trial has (one query)."""
+    p, t = models.TrialParamModel.__table__, models.TrialModel.__table__
+    stmt = sa.select(p.c.param_name).distinct().join(t, t.c.trial_id == p.c.trial_id).where(t.c.study_id == study_id)
+    with storage.engine.connect() as conn:
+        names = {r[0] for r in conn.execute(stmt)}
+    stored = storage.get_study_user_attrs(study_id).get("hpo:spec")
+    if isinstance(stored, dict) and isinstance(stored.get("space"), dict):
+        names |= set(stored["space"])
+    return sorted(names)
+
+
+def study_params(storage_url: str, study: str) -> list[str]:
+    """The parameter names of a study (:func:`param_names`), sorted; for columns that do not depend on which trials
+    were read.
+
+    Raises:
+        StudyError: no such study.
+    """
+    storage = _storage(storage_url)
+    return param_names(storage, _study_id(storage, study, storage_url))
+
+
+def _frame(trials: Sequence[FrozenTrial], names: Sequence[str] = ()) -> pd.DataFrame:
     rows = [_row(t) for t in trials]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(
-            columns=["number", "state", "value", "datetime_start", "datetime_complete", "duration", *TRIAL_ATTRS]
+            columns=[
+                "number",
+                "state",
+                "value",
+                *(f"params_{n}" for n in names),
+                "datetime_start",
+                "datetime_complete",
+                "duration",
+                *TRIAL_ATTRS,
+            ]
         )
+    for n in names:  # the study's parameters, whichever trials were read
+        if f"params_{n}" not in df:
+            df[f"params_{n}"] = None
     fixed = ["number", "state", "value"]
     params = sorted(c for c in df.columns if c.startswith("params_"))
     rest = [c for c in df.columns if c not in fixed and c not in params]
@@ -224,12 +278,34 @@ def trials(
         limit: at most this many trials (the first by number); only these are loaded.
 
     Returns:
-        Columns ``number``, ``state``, ``value``, ``params_<name>`` ..., ``datetime_start``, ``datetime_complete``,
-        ``duration`` (seconds), ``epochs_reached``, ``reason``, ``seed``, ``device``, ``worker``.
+        Columns ``number``, ``state``, ``value``, ``params_<name>`` ... (one per parameter of the study, whatever
+        ``limit`` and ``states``), ``datetime_start``, ``datetime_complete``, ``duration`` (seconds),
+        ``epochs_reached``, ``reason``, ``seed``, ``device``, ``worker``.
 
     Raises:
         StudyError: no such study.
     """
+    storage, sid, frozen = _load_trials(storage_url, study, states, limit)
+    return _frame(frozen, param_names(storage, sid))
+
+
+def trial_records(
+    storage_url: str,
+    study: str,
+    states: Iterable[str | TrialState] | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Trials of a study as :func:`trial_record` dicts (``hpo trials -f json``), ordered by number.
+
+    Raises:
+        StudyError: no such study.
+    """
+    return [trial_record(t) for t in _load_trials(storage_url, study, states, limit)[2]]
+
+
+def _load_trials(
+    storage_url: str, study: str, states: Iterable[str | TrialState] | None, limit: int | None
+) -> tuple[optuna.storages.RDBStorage, int, list[FrozenTrial]]:
     if limit is not None and limit < 0:
         raise HpoError(f"limit must be >= 0 (got {limit})")
     wanted = parse_states(states)
@@ -239,7 +315,7 @@ def trials(
         frozen = storage.get_all_trials(sid, deepcopy=False, states=wanted)
     else:
         frozen = [storage.get_trial(tid) for tid in _limited_ids(storage, sid, wanted, limit)]
-    return _frame(sorted(frozen, key=lambda t: t.number))
+    return storage, sid, sorted(frozen, key=lambda t: t.number)
 
 
 def _direction(storage: optuna.storages.RDBStorage, sid: int, study: str) -> optuna.study.StudyDirection:
@@ -255,7 +331,8 @@ def best(storage_url: str, study: str, n: int = 1) -> list[dict[str, Any]]:
     ``n == 1`` is Optuna's own best-trial query; for more, only (trial id, value) pairs are read to rank them.
 
     Returns:
-        Dicts with ``number``, ``value``, ``params``, ``duration``, ``user_attrs``.
+        :func:`trial_record` dicts (``number``, ``state``, ``value``, ``params``, ``datetime_start``,
+        ``datetime_complete``, ``duration``, ``user_attrs``).
     """
     if n < 1:
         raise HpoError(f"n must be >= 1 (got {n})")
@@ -285,16 +362,7 @@ def best(storage_url: str, study: str, n: int = 1) -> list[dict[str, Any]]:
         sign = -1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         ranked = sorted(rows, key=lambda r: (sign * value(r), r.number))[:n]
         chosen = [storage.get_trial(r.trial_id) for r in ranked]
-    return [
-        {
-            "number": t.number,
-            "value": t.value,
-            "params": dict(t.params),
-            "duration": t.duration.total_seconds() if t.duration is not None else None,
-            "user_attrs": dict(t.user_attrs),
-        }
-        for t in chosen
-    ]
+    return [trial_record(t) for t in chosen]
 
 
 def load_study(storage_url: str, study: str) -> optuna.Study:

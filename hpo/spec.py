@@ -431,6 +431,21 @@ class StudySpec(_Strict):
     predictions: list[Prediction] = Field(default_factory=list)
     population: PopulationSpec | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _user_objective_defaults(cls, data: Any) -> Any:
+        """A user's own objective (``kind: module:function``): ``direction`` is required (its value may be a loss or a
+        score) and its metric is called ``value`` unless the file names it; the other defaults are the training's."""
+        if isinstance(data, dict) and isinstance(data.get("objective"), dict | CustomObjective):
+            if _objective_tag(data["objective"]) == "custom":
+                if "direction" not in data:
+                    raise ValueError(
+                        "direction: required for a user's objective: write direction: minimize or maximize"
+                    )
+                if "metric" not in data:
+                    data = {**data, "metric": "value"}
+        return data
+
     @model_validator(mode="after")
     def _cross_checks(self) -> StudySpec:
         for name, p in self.space.items():

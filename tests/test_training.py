@@ -113,7 +113,7 @@ def test_run_resumes_towards_the_budget(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     trials = _study(url, "resume").trials
     assert len(trials) == 3 and [t.number for t in trials] == [0, 1, 2]
-    assert "best trial #" in res.stdout and "optuna trials --study-name resume" in res.stdout
+    assert "best trial #" in res.stdout and "hpo trials resume" in res.stdout
     res = hpo_cli("run", str(path), "--storage", url)  # budget met: nothing new
     assert res.returncode == 0 and len(_study(url, "resume").trials) == 3
 

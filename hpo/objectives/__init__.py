@@ -1,6 +1,7 @@
 """Objectives: one module per kind, a registry by name, and ``module:function`` for users' own.
 
-An objective is ``fn(trial, context) -> float``. It reports intermediate values to the trial so pruners can stop it,
+An objective is ``fn(trial, context) -> float``; a user's own may be a plain Optuna objective ``fn(trial) -> float``
+(:func:`wants_context` reads which from its signature, once). It reports intermediate values to the trial so pruners can stop it,
 raises :class:`optuna.TrialPruned` when told to (or when its run diverges, with ``reason`` in the trial's user
 attributes), and calls ``context.check_stop()`` often enough that a worker asked to stop is not kept waiting.
 """
@@ -8,6 +9,7 @@ attributes), and calls ``context.check_stop()`` often enough that a worker asked
 from __future__ import annotations
 
 import importlib
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,7 +77,57 @@ def resolve(kind: str) -> Objective:
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise SpecError(f"objective.kind: {module_name!r} has no function {func_name!r}")
-    return fn
+    from hpo.checks import check_not_shadowed
+
+    check_not_shadowed()  # the user's module may have put a folder named hpo first on the path
+    return adapt(fn)
+
+
+_CONTEXT_NAMES = ("ctx", "context")
+
+
+def context_parameter(fn: Callable[..., Any]) -> inspect.Parameter | None:
+    """The parameter through which a user's objective takes hpo's :class:`Context`, read from its signature; None for
+    a plain Optuna objective ``def f(trial)``.
+
+    The context goes to a parameter named ``ctx``/``context`` or annotated ``Context``, else to a second positional
+    parameter (``def f(trial, c)``).
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable without a signature: call it the Optuna way
+        return None
+    params = list(sig.parameters.values())
+    for p in params[1:]:
+        annotation = p.annotation if isinstance(p.annotation, str) else repr(p.annotation)
+        if p.name in _CONTEXT_NAMES or "Context" in annotation:
+            return p
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return positional[1] if len(positional) >= 2 else None
+
+
+def wants_context(fn: Callable[..., Any]) -> bool:
+    """Whether a user's objective takes the context besides the trial (see :func:`context_parameter`)."""
+    return context_parameter(fn) is not None
+
+
+def adapt(fn: Callable[..., float]) -> Objective:
+    """A user's objective as hpo calls it, ``objective(trial, ctx)``; decided once, from its signature.
+
+    ``def f(trial)`` is called ``f(trial)``; ``def f(trial, ctx)`` as it is; ``def f(trial, *, context)`` with
+    ``context=ctx``.
+    """
+    p = context_parameter(fn)
+    if p is not None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL):
+        return fn
+    name = p.name if p is not None else None
+
+    def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
+        return fn(trial, **{name: ctx}) if name is not None else fn(trial)
+
+    objective.__wrapped__ = fn  # type: ignore[attr-defined]
+    objective.__name__ = getattr(fn, "__name__", "objective")
+    return objective
 
 
 def trial_seed(spec: StudySpec, trial_number: int) -> int:
@@ -100,4 +152,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-__all__ = ["Context", "Interrupted", "Objective", "REGISTRY", "resolve", "resolve_device", "trial_seed"]
+__all__ = [
+    "Context",
+    "Interrupted",
+    "Objective",
+    "REGISTRY",
+    "resolve",
+    "resolve_device",
+    "adapt",
+    "context_parameter",
+    "trial_seed",
+    "wants_context",
+]

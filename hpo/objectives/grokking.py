@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from hpo import data as data_sources
+from hpo import threads as hpo_threads
 from hpo.errors import SpecError
 from hpo.models import ModularTransformer, OperandMLP
 from hpo.objectives import Context
@@ -271,8 +272,14 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
             return True
         return False
 
+    cfg = resolve_config(obj, ctx.params)
+    with torch.device("meta"):  # the model's size, without its memory (hpo.threads: one thread for a small step)
+        size = sum(p.numel() for p in build_model(obj, cfg).parameters())
+    rows = cfg.batch_size or round(cfg.data.p**2 * cfg.data.train_fraction)
     try:
-        train(obj, ctx.params, ctx.seed, device=ctx.device, on_eval=on_eval, check_stop=ctx.check_stop)
+        with hpo_threads.use(hpo_threads.for_step(size, rows, torch.get_num_threads())) as used:
+            trial.set_user_attr("threads", used)
+            train(obj, ctx.params, ctx.seed, device=ctx.device, on_eval=on_eval, check_stop=ctx.check_stop)
     except Diverged as exc:
         record(state["last"])
         trial.set_user_attr("reason", "diverged")

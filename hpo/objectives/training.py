@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from hpo import data as data_sources
+from hpo import threads as hpo_threads
 from hpo.models import ACTIVATION_FNS, MLP, cnn, mlp
 from hpo.objectives import Context
 from hpo.objectives.optim import LeanOptimizer
@@ -190,24 +191,18 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     model = build_model(obj, cfg, splits.input_shape, loss.n_out).to(device)
     opt = build_optimizer(cfg, list(model.parameters()))
-    with _threads_for(model):
+    with _threads_for(model, cfg.batch_size):
         return _train_loop(model, opt, loss, splits, cfg, gen, device, on_epoch, check_stop, checkpoint)
 
 
 @contextlib.contextmanager
-def _threads_for(model: nn.Module) -> Iterator[None]:
-    """One torch thread for small models: splitting their tiny kernels across threads costs more than it saves
-    (measured here: the lesson's model ran 5x slower per step with 2 threads than with 1 on a busy 2-core machine).
-    """
-    before = torch.get_num_threads()
-    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-    if small and before > 1:
-        torch.set_num_threads(1)
-    try:
+def _threads_for(model: nn.Module, rows: int) -> Iterator[None]:
+    """One torch thread for a small step (:func:`hpo.threads.for_step`): splitting its tiny kernels across threads
+    costs more than it saves (measured here: the lesson's model ran 5x slower per step with 2 threads than with 1 on a
+    busy 2-core machine); else the worker's threads."""
+    n_params = sum(p.numel() for p in model.parameters())
+    with hpo_threads.use(hpo_threads.for_step(n_params, rows, torch.get_num_threads())):
         yield
-    finally:
-        if small and before > 1:
-            torch.set_num_threads(before)
 
 
 def _train_loop(
@@ -394,6 +389,7 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         raise optuna.exceptions.OptunaError(f"metric {metric!r} is not produced by the training objective")
     curve: list[float] = []
     started = time.perf_counter()
+    used: dict[str, Any] = {}  # the torch threads training ran with, read inside it (hpo.threads)
     from hpo.objectives.checkpoints import checkpoint_for
 
     ckpt = checkpoint_for(trial, obj.checkpoint)
@@ -401,11 +397,12 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         ckpt.extra["curve"] = curve
 
     def on_epoch(r: EpochResult) -> None:
+        used.setdefault("threads", torch.get_num_threads())
         curve.append(round(r.train_loss, 6))
         value = r.metric(metric)
         trial.report(value, r.epoch)
         if trial.should_prune():
-            set_trial_attrs(trial, {"epochs_reached": r.epoch, "train_loss": curve, "reason": "pruned"})
+            set_trial_attrs(trial, {"epochs_reached": r.epoch, "train_loss": curve, "reason": "pruned", **used})
             raise optuna.TrialPruned(f"pruned at epoch {r.epoch} with {metric}={value:.4g}")
 
     try:
@@ -420,7 +417,7 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         if ckpt is not None:
             ckpt.finish()
         attrs = {"reason": "diverged", "diverged_epoch": exc.args[1], "epochs_reached": exc.args[1] - 1}
-        set_trial_attrs(trial, {**attrs, "train_loss": curve})
+        set_trial_attrs(trial, {**attrs, "train_loss": curve, **used})
         raise optuna.TrialPruned(f"diverged: {exc.args[0]}") from None
     last = history[-1]
     done: dict[str, Any] = {
@@ -429,6 +426,7 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         "val_loss": round(last.val_loss, 6),
         "val_accuracy": round(last.val_accuracy, 6),
         "train_seconds": round(time.perf_counter() - started, 3),
+        **used,
     }
     if obj.evaluate_test:
         done["test_accuracy"] = test_accuracy(obj, model, ctx.device)

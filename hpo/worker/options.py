@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +44,8 @@ class WorkerResult:
 
 
 def default_threads(local_workers: int = 1) -> int:
-    """Torch threads per worker so that ``local_workers`` workers do not oversubscribe this machine's cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_workers))
+    """Torch threads per worker so that ``local_workers`` workers do not oversubscribe this machine's cores (the rule:
+    :func:`hpo.threads.default_threads`)."""
+    from hpo.threads import default_threads as rule
+
+    return rule(local_workers)

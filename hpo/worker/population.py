@@ -21,8 +21,9 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo import space as search_space
+from hpo import threads as hpo_threads
 from hpo.objectives import trial_seed
-from hpo.objectives.population import Event, PopulationTrainer
+from hpo.objectives.population import ROW_BUDGET, Event, PopulationTrainer, largest_model
 from hpo.objectives.training import set_trial_attrs
 from hpo.spec import StudySpec, TrainingObjective
 from hpo.storage import quiet_optuna, store_intermediate_values
@@ -179,6 +180,7 @@ def run_population(
     assert isinstance(obj, TrainingObjective)
     metric = spec.metric
     trainer = PopulationTrainer(obj, device)
+    threads = hpo_threads.for_step(largest_model(spec) * size, ROW_BUDGET, threads)  # hpo.threads: a tick's work
     live: dict[int, _Live] = {}
     view = _StudyView(study)
     reports = _Reports(study._storage)
@@ -279,7 +281,7 @@ def run_population(
             set_trial_attrs(trial, values)
             finish(number, TrialState.COMPLETE, value)
 
-    with Heartbeats(storage, opts.heartbeat_interval, url) as beats:
+    with Heartbeats(storage, opts.heartbeat_interval, url) as beats, hpo_threads.use(threads) as threads:
         try:
             while True:
                 if asking and not stop.is_set() and len(live) < size:

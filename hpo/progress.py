@@ -1,0 +1,149 @@
+"""What a worker says while it works: one line per finished trial, and a live view of the study on a terminal.
+
+Off a terminal (``docker logs``, a Slurm output file, a pipe) a worker writes plain log lines, one per trial it
+finished::
+
+    2026-11-29 21:57:12 trial 3 COMPLETE val_accuracy=0.8734 in 1.2s
+    2026-11-29 21:57:13 trial 4 PRUNED val_accuracy=0.51 in 0.8s reason=diverged
+
+On a terminal, :class:`StudyProgress` shows a progress bar of the study (trials finished / budget, best so far,
+pruned, failed) with the same lines printed above it. It renders in Jupyter too (rich's own notebook support), which
+is what :func:`hpo.run` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+#: The logger of the per-trial lines; :func:`trial_logger` gives it a plain handler of its own.
+TRIAL_LOG = "hpo.trials"
+
+
+def trial_line(t: FrozenTrial, metric: str = "value") -> str:
+    """``trial 3 COMPLETE val_accuracy=0.8734 in 1.2s`` (+ ``reason=...``, and the error of a failed trial)."""
+    parts = [f"trial {t.number} {t.state.name}"]
+    if t.values is not None and len(t.values) == 1:
+        parts.append(f"{metric}={t.values[0]:.6g}")
+    if t.datetime_start is not None and t.datetime_complete is not None:
+        parts.append(f"in {(t.datetime_complete - t.datetime_start).total_seconds():.1f}s")
+    reason = t.user_attrs.get("reason")
+    if reason:
+        parts.append(f"reason={reason}")
+    error = t.user_attrs.get("error")
+    if error and t.state == TrialState.FAIL:
+        parts.append(f"error={str(error).splitlines()[0][:200]!r}")
+    return " ".join(parts)
+
+
+def trial_logger(stream: Any = None) -> logging.Logger:
+    """The per-trial logger, writing ``<time> <line>`` to ``stream`` (stderr) whatever the root logger's level."""
+    logger = logging.getLogger(TRIAL_LOG)
+    if not any(getattr(h, "_hpo_trials", False) for h in logger.handlers):
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        handler._hpo_trials = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+class TrialLog:
+    """``on_trial`` callback of a worker (:class:`hpo.worker.WorkerOptions`): one log line per finished trial."""
+
+    def __init__(self, metric: str = "value", logger: logging.Logger | None = None) -> None:
+        self.metric = metric
+        self.log = logger or trial_logger()
+
+    def __call__(self, t: FrozenTrial) -> None:
+        self.log.info("%s", trial_line(t, self.metric))
+
+
+class StudyProgress:
+    """A rich progress bar of a study, fed by polling its storage: trials finished / budget, best so far, pruned,
+    failed; a line per trial that finished since the last poll is printed above the bar.
+
+    Use as ``with StudyProgress(name, url, budget) as poll: ...`` and call ``poll()`` after each trial (or every
+    half second from a loop that waits for worker processes).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        budget: int | None,
+        console: Console | None = None,
+        lines: bool = True,
+        storage: optuna.storages.BaseStorage | None = None,
+    ) -> None:
+        self.name, self.url, self.budget, self.lines = name, url, budget, lines
+        self.storage = storage
+        self.last = 0.0
+        self.seen: set[int] = set()
+        self.metric = "value"
+        self.console = console or Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+
+    def __enter__(self) -> Callable[[], None]:
+        from rich.text import Text
+
+        from hpo.storage import open_storage
+
+        storage = self.storage if self.storage is not None else open_storage(self.url)
+        self.study = optuna.load_study(study_name=self.name, storage=storage)
+        self.metric = str(self.study.user_attrs.get("metric") or "value")
+        if self.budget is None:
+            stored = self.study.user_attrs.get("budget") or {}
+            self.budget = stored.get("n_trials") if isinstance(stored, dict) else None
+        # trials finished before this run are counted, not listed again
+        self.seen = {t.number for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()}
+        self.task = self.bar.add_task(Text(self.name, style="bold").markup, total=self.budget, info="")
+        self.bar.start()
+        self.poll(force=True)
+        return self.poll
+
+    def poll(self, force: bool = True) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        trials = self.study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state.is_finished()]
+        complete = [t for t in done if t.state == TrialState.COMPLETE]
+        pruned = sum(t.state == TrialState.PRUNED for t in done)
+        failed = sum(t.state == TrialState.FAIL for t in done)
+        if self.lines:
+            for t in sorted((t for t in done if t.number not in self.seen), key=lambda t: t.number):
+                self.bar.console.print(trial_line(t, self.metric), highlight=False, markup=False, soft_wrap=True)
+        self.seen.update(t.number for t in done)
+        best = ""
+        if complete:
+            pick = max if self.study.direction.name == "MAXIMIZE" else min
+            best = f"best {pick(t.value for t in complete):.4g}  "
+        self.bar.update(self.task, completed=len(done), info=f"{best}pruned {pruned}  failed {failed}")
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.poll()
+        finally:
+            self.bar.stop()
+
+
+__all__ = ["TRIAL_LOG", "StudyProgress", "TrialLog", "trial_line", "trial_logger"]

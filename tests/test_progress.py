@@ -1,0 +1,75 @@
+"""Workers say what they do: one plain log line per finished trial off a terminal, nothing with ``--quiet``.
+
+Real ``hpo worker`` / ``hpo run`` processes whose stderr is a pipe (not a terminal), as under docker or Slurm.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+from .conftest import hpo_cli, write_study
+
+TESTS = Path(__file__).resolve().parent
+ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d trial (\d+) (COMPLETE|PRUNED|FAIL) value=(\S+) in [\d.]+s")
+
+
+def sleepy(tmp_path: Path, name: str, n: int) -> Path:
+    return write_study(
+        tmp_path / f"{name}.yaml",
+        name,
+        direction="maximize",
+        metric="value",
+        objective={"kind": "worker_objectives:sleepy", "sleep": 0.05},
+        space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
+        sampler={"name": "random", "seed": 0},
+        budget={"n_trials": n},
+    )
+
+
+def worker(path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hpo", "worker", str(path), "--threads", "1", *extra],
+        env={**os.environ, **ENV, "HPO_STORAGE": url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_worker_off_a_terminal_writes_one_line_per_trial(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    res = worker(sleepy(tmp_path, "lines", 5), url)
+    assert res.returncode == 0, res.stderr
+    lines = [m for m in map(LINE.match, res.stderr.splitlines()) if m]
+    assert len(lines) == 5, res.stderr
+    trials = {t.number: t for t in optuna.load_study(study_name="lines", storage=url).trials}
+    assert sorted(int(m[1]) for m in lines) == sorted(trials)
+    for m in lines:  # what the line says is what is stored
+        t = trials[int(m[1])]
+        assert m[2] == t.state.name and float(m[3]) == float(f"{t.value:.6g}")
+    assert "━" not in res.stderr  # no progress bar drawn into a log file
+    assert "worker done" in res.stdout
+
+
+def test_quiet_worker_prints_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    res = worker(sleepy(tmp_path, "quiet", 3), url, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == ""
+    assert len(optuna.load_study(study_name="quiet", storage=url).trials) == 3
+
+
+def test_run_lists_each_trial_and_points_at_hpo_trials(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    res = hpo_cli("run", str(sleepy(tmp_path, "runlines", 3)), "--storage", url, env=ENV)
+    assert res.returncode == 0, res.stderr
+    numbers = [int(m[1]) for m in re.finditer(r"^trial (\d+) COMPLETE value=", res.stderr, flags=re.M)]
+    assert sorted(numbers) == [0, 1, 2], res.stderr
+    assert "read it with: hpo trials runlines" in res.stdout and "optuna trials" not in res.stdout
