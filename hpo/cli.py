@@ -97,7 +97,10 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log mo
 
 
 def _is_file(study: str) -> bool:
-    return study.endswith((".yaml", ".yml")) or Path(study).is_file()
+    try:
+        return study.endswith((".yaml", ".yml")) or Path(study).is_file()
+    except (OSError, ValueError):  # a name too long or with NUL for a path: a study name
+        return False
 
 
 def _spec_and_url(study: str, storage: str | None) -> tuple[Any, str, str]:
@@ -413,7 +416,10 @@ def enqueue(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise HpoError(f"--param {item!r}: write name=value")
-        params[key] = yaml.safe_load(value)
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise HpoError(f"--param {item!r}: the value is not a YAML value") from None
     _, url, name = _spec_and_url(study, storage)
     s, spec = load(name, open_storage(url))
     from hpo.space import encode_params

@@ -54,10 +54,12 @@ def shell_quote(value: Any) -> str:
 
 def csv_cell(value: Any, rendered: str) -> str:
     """A CSV cell: ``rendered`` (the cell's text), neutralised with a leading ``'`` when ``value`` is text that
-    starts like a formula. Numbers (``-0.5``) stay as they are: only strings can carry a formula."""
-    if isinstance(value, str) and rendered.startswith(FORMULA_START):
-        return "'" + rendered
-    return rendered
+    starts like a formula. Numbers (``-0.5``) stay as they are: only strings can carry a formula. A carriage return
+    in text is written ``\\r`` (csv leaves a cell holding one unquoted when lines end in ``\\n``)."""
+    if not isinstance(value, str):
+        return rendered
+    rendered = rendered.replace("\r", "\\r")  # a bare CR is not quoted by csv with "\n" line ends: shown as \r
+    return "'" + rendered if rendered.startswith(FORMULA_START) else rendered
 
 
 __all__ = ["FORMULA_START", "csv_cell", "lit", "shell_quote", "text", "visible"]

@@ -73,6 +73,8 @@ def _parse(url: str) -> URL:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
+        if "://" not in url and ":/" not in url:  # not URL-shaped: no telling where a password is, so not shown
+            raise StorageError("malformed storage URL (write dialect+driver://user@host/database)") from None
         raise StorageError(f"malformed storage URL: {mask(url)}") from None
     if parsed.host and "@" in parsed.host:  # an unescaped "@" in the password: the driver would get part of it
         raise StorageError(f"malformed storage URL: {mask(url)} (write an '@' in a password as %40)")
