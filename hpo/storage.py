@@ -94,6 +94,8 @@ def _userinfo(url: str) -> tuple[str, str, str, str | None] | None:
     if m is None:
         return None
     head, rest = m.group(1) + m.group(2), m.group(3)
+    if head.lower().startswith("sqlite"):  # a file path, no credentials: an "@" in it is part of the name
+        return None
     at = rest.rfind("@")
     if at < 0:
         return None

@@ -651,3 +651,30 @@ def test_hostile_names_are_printed_literally_everywhere(tmp_path: Path) -> None:
     report = next(tmp_path.glob("*.html")).read_text()
     assert "<script>" not in report.split("markup")[0][-200:]  # the name is escaped in the page
     assert "[/]markup[bold" in report
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"{PG}://u:{CANARY}@127.0.0.1/db",
+        f"{PG}:/u:{CANARY}@127.0.0.1/db",
+        f"{PG}:u:{CANARY}@127.0.0.1/db",
+        f"{PG}://u:{CANARY_AT}@127.0.0.1/db",
+        f"{PG}://u:{CANARY_A}@x/y{CANARY_B}@127.0.0.1/db",
+        f"{PG}://u@127.0.0.1/db?sslmode=require&password={CANARY}",
+        f"{PG}://u@127.0.0.1/db?PASSWORD={CANARY}",
+        f"{PG}://:{CANARY}@127.0.0.1/db",
+        f"{PG}://u:{CANARY}@[bad",
+    ],
+)
+def test_mask_and_scrub_every_form(url: str) -> None:
+    from hpo.storage import mask, scrub
+
+    shown = mask(url)
+    assert CANARY_A not in shown and CANARY_B not in shown and "***" in shown, shown
+    secret = CANARY_AT if CANARY_AT in url else CANARY  # the password as the driver would echo it
+    if f"{CANARY_A}@x/y{CANARY_B}" in url:
+        secret = f"{CANARY_A}@x/y{CANARY_B}"
+    message = f"FATAL: password {secret!r} for {url} refused"
+    scrubbed = scrub(message, url)
+    assert CANARY_A not in scrubbed and CANARY_B not in scrubbed, scrubbed
