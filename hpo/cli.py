@@ -9,7 +9,6 @@ import contextlib
 import functools
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -22,7 +21,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from hpo.cli_errors import OneLineErrorGroup
 from hpo.errors import HpoError, StudyError
+from hpo.render import csv_cell, lit, shell_quote, text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineErrorGroup,
 )
 out = Console()
 err = Console(stderr=True)
@@ -42,17 +44,21 @@ StorageOpt = Annotated[
         "--storage", "-s", help="SQLAlchemy URL; default: $HPO_STORAGE, then the study file, then sqlite:///hpo.db."
     ),
 ]
-ThreadsOpt = Annotated[int | None, typer.Option(help="Torch threads per worker (default: cores / local workers).")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, max=4096, help="Torch threads per worker (default: cores / local workers).")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (one worker per GPU).")]
-HeartbeatOpt = Annotated[int, typer.Option(help="Seconds between heartbeats of a running trial.")]
+HeartbeatOpt = Annotated[int, typer.Option(min=1, max=86400, help="Seconds between heartbeats of a running trial.")]
 GraceOpt = Annotated[
     int | None,
     typer.Option(
+        min=1,
+        max=864000,
         help="Seconds without heartbeat before a trial is stale: stored with a new study (default 2 x heartbeat); "
-        "an existing study keeps its own (hpo grace STUDY SECONDS)."
+        "an existing study keeps its own (hpo grace STUDY SECONDS).",
     ),
 ]
-RetryOpt = Annotated[int, typer.Option(help="How often a stale or interrupted trial is re-queued.")]
+RetryOpt = Annotated[int, typer.Option(min=0, max=1000, help="How often a stale or interrupted trial is re-queued.")]
 PopulationOpt = Annotated[
     str | None,
     typer.Option(
@@ -67,7 +73,7 @@ def _user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except HpoError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {lit(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except Exception as exc:
             from hpo.storage import denied_reason
@@ -76,7 +82,7 @@ def _user_errors(fn: F) -> F:
             if reason is None:
                 raise
             err.print(
-                f"[bold red]error:[/] the database refused this role: {reason} "
+                f"[bold red]error:[/] the database refused this role: {lit(reason)} "
                 "(the analyst role may only read; run, worker, create and enqueue need the worker role)",
                 highlight=False,
                 soft_wrap=True,
@@ -104,7 +110,10 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log mo
 
 
 def _is_file(study: str) -> bool:
-    return study.endswith((".yaml", ".yml")) or Path(study).is_file()
+    try:
+        return study.endswith((".yaml", ".yml")) or Path(study).is_file()
+    except (OSError, ValueError):  # a name too long or with NUL for a path: a study name
+        return False
 
 
 def _spec_and_url(study: str, storage: str | None) -> tuple[Any, str, str]:
@@ -118,6 +127,24 @@ def _spec_and_url(study: str, storage: str | None) -> tuple[Any, str, str]:
     return None, resolve_url(storage), study
 
 
+def _check_timeout(timeout: float | None) -> None:
+    import math
+
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise HpoError(f"--timeout: must be a number of seconds > 0 (got {timeout})")
+
+
+def _preflight(spec: Any, study_file: Path, population: str | None = None) -> None:
+    """What can be checked before the study is created or touched (hpo.preflight), naming the file."""
+    from hpo.preflight import preflight
+
+    preflight(spec, str(study_file))
+    if population is not None:
+        from hpo.objectives.population import population_size
+
+        population_size(spec, population)
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -126,9 +153,11 @@ def _spec_and_url(study: str, storage: str | None) -> tuple[Any, str, str]:
 def run(
     study_file: Annotated[Path, typer.Argument(help="The study file (studies/*.yaml).")],
     storage: StorageOpt = None,
-    n_trials: Annotated[int | None, typer.Option(help="Total trial budget (overrides the file's).")] = None,
+    n_trials: Annotated[
+        int | None, typer.Option(min=1, max=10**9, help="Total trial budget (overrides the file's).")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Local worker processes.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, max=256, help="Local worker processes.")] = 1,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     heartbeat: HeartbeatOpt = 10,
@@ -141,8 +170,10 @@ def run(
     from hpo.storage import mask, resolve_url
     from hpo.worker import WorkerOptions, create, default_threads, run_worker
 
+    _check_timeout(timeout)
     spec = load_spec(study_file)
     url = resolve_url(storage, spec.storage)
+    _preflight(spec, study_file, population)
     create(spec, url, grace=grace if grace is not None else 2 * heartbeat)
     budget = n_trials if n_trials is not None else spec.budget.n_trials
     if n_trials is None and "budget" not in spec.model_fields_set:
@@ -177,7 +208,8 @@ def run(
             )  # fmt: skip
     _summary(spec.name, url)
     out.print(
-        f"stored in {mask(url)} (read it with: hpo trials {shlex.quote(spec.name)} --storage '{mask(url)}')",
+        f"stored in {lit(mask(url))} (read it with: hpo trials {lit(shell_quote(spec.name))} "
+        f"--storage {lit(shell_quote(mask(url)))})",
         highlight=False,
         soft_wrap=True,
     )
@@ -248,12 +280,12 @@ def _summary(name: str, url: str) -> None:
     try:
         best = study.best_trial
     except ValueError:
-        out.print(f"study {name}: no completed trial yet")
+        out.print(f"study {lit(name)}: no completed trial yet")
         return
     metric = study.user_attrs.get("metric", "value")
-    out.print(f"best trial #{best.number}: {metric} = {best.value:.6g}", highlight=False)
+    out.print(f"best trial #{best.number}: {lit(metric)} = {best.value:.6g}", highlight=False)
     for k, v in best.params.items():
-        out.print(f"  {k} = {v}", highlight=False)
+        out.print(f"  {lit(k)} = {lit(v)}", highlight=False)
 
 
 @app.command()
@@ -267,8 +299,9 @@ def create(study_file: Path, storage: StorageOpt = None, grace: GraceOpt = None)
 
     spec = load_spec(study_file)
     url = resolve_url(storage, spec.storage)
+    _preflight(spec, study_file)
     create_study(spec, url, grace=grace)
-    out.print(f"study {spec.name} ready in {mask(url)}", highlight=False)
+    out.print(f"study {lit(spec.name)} ready in {lit(mask(url))}", highlight=False)
 
 
 @app.command()
@@ -276,20 +309,31 @@ def create(study_file: Path, storage: StorageOpt = None, grace: GraceOpt = None)
 def worker(
     study: Annotated[str, typer.Argument(help="A study name (created before) or a study file.")],
     storage: StorageOpt = None,
-    n_trials: Annotated[int | None, typer.Option(help="Total trial budget (overrides the stored one).")] = None,
+    n_trials: Annotated[
+        int | None, typer.Option(min=1, max=10**9, help="Total trial budget (overrides the stored one).")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = None,
     max_retry: RetryOpt = 2,
-    db_retry_for: Annotated[float, typer.Option(help="Seconds to keep retrying an unavailable database.")] = 120.0,
+    db_retry_for: Annotated[
+        float, typer.Option(min=0, max=86400, help="Seconds to keep retrying an unavailable database.")
+    ] = 120.0,
     stop_timeout: Annotated[
         float,
-        typer.Option(help="Seconds after SIGTERM before a trial that did not stop is re-queued and the worker exits."),
+        typer.Option(
+            min=0,
+            max=86400,
+            help="Seconds after SIGTERM before a trial that did not stop is re-queued and the worker exits.",
+        ),
     ] = 30.0,
     seed_offset: Annotated[
-        int | None, typer.Option(help="Added to the sampler's seed (default: the process id, so workers differ).")
+        int | None,
+        typer.Option(
+            min=0, max=2**31 - 1, help="Added to the sampler's seed (default: the process id, so workers differ)."
+        ),
     ] = None,
     quiet: Annotated[
         bool, typer.Option(help="Print nothing on success (no line per trial, no progress view, no summary).")
@@ -303,7 +347,10 @@ def worker(
     from hpo.progress import StudyProgress, TrialLog
     from hpo.worker import WorkerOptions, create, run_worker
 
+    _check_timeout(timeout)
     spec, url, name = _spec_and_url(study, storage)
+    if spec is not None:
+        _preflight(spec, Path(study), population)
     live = None
     on_trial = None
     if not quiet and err.is_terminal:
@@ -313,10 +360,11 @@ def worker(
         live = StudyProgress(name, url, budget, console=err)
     elif not quiet:
         on_trial = TrialLog(spec.metric if spec is not None else "value")
+        from hpo.render import visible
         from hpo.storage import mask
 
         on_trial.log.info(
-            "worker %s:%d: pulling trials of %s from %s", os.uname().nodename, os.getpid(), name, mask(url)
+            "worker %s:%d: pulling trials of %s from %s", os.uname().nodename, os.getpid(), visible(name), mask(url)
         )
     opts = WorkerOptions(
         heartbeat_interval=heartbeat,
@@ -406,16 +454,20 @@ def enqueue(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise HpoError(f"--param {item!r}: write name=value")
-        params[key] = yaml.safe_load(value)
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise HpoError(f"--param {item!r}: the value is not a YAML value") from None
     _, url, name = _spec_and_url(study, storage)
     s, spec = load(name, open_storage(url))
-    unknown = set(params) - set(spec.space)
-    if unknown:
-        raise StudyError(f"--param: {', '.join(sorted(unknown))} not in the study's space")
     from hpo.space import encode_params
+    from hpo.spec import check_params
 
+    problem = check_params(spec.space, params)  # before anything is stored
+    if problem:
+        raise StudyError(f"--param {problem}")
     s.enqueue_trial(encode_params(params), user_attrs={"enqueued": True})
-    out.print(f"queued {params} in {name}", highlight=False)
+    out.print(f"queued {lit(params)} in {lit(name)}", highlight=False)
 
 
 @app.command()
@@ -423,7 +475,7 @@ def enqueue(
 def evaluate(
     study: Annotated[str, typer.Argument(help="Study name or file.")],
     storage: StorageOpt = None,
-    trial: Annotated[int | None, typer.Option(help="Trial number (default: the best).")] = None,
+    trial: Annotated[int | None, typer.Option(min=0, help="Trial number (default: the best).")] = None,
 ) -> None:
     """Re-train a trial with its stored seed, check it reproduces, and measure it on the held-out test split.
 
@@ -448,7 +500,7 @@ def evaluate(
     record = {"trial": frozen.number, "reproduced": reproduced, spec.metric: value, "test_accuracy": test}
     s.set_user_attr("test_evaluation", record)
     out.print(
-        f"trial #{frozen.number}: stored {spec.metric} {frozen.value:.6g}, re-run {value:.6g} "
+        f"trial #{frozen.number}: stored {lit(spec.metric)} {frozen.value:.6g}, re-run {value:.6g} "
         f"({'reproduced' if reproduced else 'DIFFERS'}); test accuracy {test:.4f}",
         highlight=False,
     )
@@ -542,14 +594,14 @@ def _emit(
         sys.stdout.write(json.dumps([_jsonable(r) for r in rows], indent=2, allow_nan=False) + "\n")
     elif fmt == OutputFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(columns)
-        for r in rows:
-            writer.writerow([_cell(r.get(c)) for c in columns])
+        writer.writerow([csv_cell(c, str(c)) for c in columns])
+        for r in rows:  # formulas neutralised (render.csv_cell): spreadsheet users open these files
+            writer.writerow([csv_cell(r.get(c), _cell(r.get(c))) for c in columns])
     else:
         fitted = fit_table(rows, columns, out.width, title, _cell)
         out.print(fitted.table)
         if fitted.note():
-            out.print(fitted.note(), style="dim", highlight=False, markup=False)
+            out.print(text(fitted.note(), style="dim"), highlight=False)
 
 
 def _records(df: Any) -> list[dict[str, Any]]:
@@ -619,7 +671,7 @@ def best(
     _, url, name = _spec_and_url(study, storage)
     rows = query.best(url, name, n=limit)
     if not rows and fmt == OutputFormat.table:
-        out.print(f"study {name}: no completed trial yet", highlight=False)
+        out.print(f"study {lit(name)}: no completed trial yet", highlight=False)
         return
     if fmt == OutputFormat.json:
         _emit(rows, fmt, "")
@@ -653,7 +705,7 @@ def importance(
     imps = query.importances(url, name)
     rows = [{"param": k, "importance": v} for k, v in list(imps.items())[:limit]]
     if not rows and fmt == OutputFormat.table:
-        out.print(f"study {name}: fewer than 2 completed trials, no importances yet", highlight=False)
+        out.print(f"study {lit(name)}: fewer than 2 completed trials, no importances yet", highlight=False)
         return
     _emit(rows, fmt, f"parameter importances of {name}", ["param", "importance"])
 
@@ -663,16 +715,18 @@ def importance(
 def report(
     study: Annotated[str, typer.Argument(help="Study name or file.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="The HTML file, or a folder for <study>.html (default: .).")
+        str | None, typer.Option("--output", "-o", help="The HTML file, or a folder for <study>.html (default: .).")
     ] = None,
     storage: StorageOpt = None,
 ) -> None:
     """Write a self-contained HTML report on how each hyperparameter influences the result."""
     from hpo.report import write_report
 
+    if output is not None and output.endswith(("/", "\\")) and not Path(output).is_dir():
+        raise HpoError(f"--output {output}: no such folder (create it first)")
     spec, url, name = _spec_and_url(study, storage)
     path = write_report(url, name, output, spec=spec)
-    out.print(f"report written to {path}", highlight=False)
+    out.print(f"report written to {lit(path)}", highlight=False)
 
 
 @app.command()
@@ -688,7 +742,7 @@ def check(
     spec, url, name = _spec_and_url(study, storage)
     verdicts = check_study(url, name, spec)
     if not verdicts and fmt == OutputFormat.table:
-        out.print(f"study {name}: no predictions in its study file", highlight=False)
+        out.print(f"study {lit(name)}: no predictions in its study file", highlight=False)
         return
     if fmt == OutputFormat.json:
         _emit([v.as_dict() for v in verdicts], fmt, "")
@@ -705,23 +759,27 @@ def check(
 def dashboard(
     storage: StorageOpt = None,
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8080,
     allow_writes: Annotated[
         bool, typer.Option("--allow-writes", help="Allow DELETE/POST/PUT/PATCH (deleting, renaming, telling).")
     ] = False,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Also answer requests for this Host: name (besides localhost and --host); repeatable."),
+    ] = None,
 ) -> None:
     """Serve optuna-dashboard on the storage; read-only unless --allow-writes."""
     from hpo.dashboard import create_app, make_dashboard_server
     from hpo.storage import mask, resolve_url
 
     url = resolve_url(storage)
-    app_ = create_app(url, allow_writes=allow_writes)
+    app_ = create_app(url, allow_writes=allow_writes, allowed_hosts=[host, *(allow_host or [])])
     try:
         httpd = make_dashboard_server(app_, host, port)
     except OSError as exc:
         raise HpoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     mode = "read-write" if allow_writes else "read-only"
-    err.print(f"dashboard ({mode}) on {mask(url)}: http://{host}:{port}/  (Ctrl-C stops)", highlight=False)
+    err.print(f"dashboard ({mode}) on {lit(mask(url))}: http://{lit(host)}:{port}/  (Ctrl-C stops)", highlight=False)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
@@ -776,9 +834,11 @@ def db_init(
     worker_ = Role(worker_role, _role_password("worker", worker_password_file), "worker")
     analyst_ = Role(analyst_role, _role_password("analyst", analyst_password_file), "analyst")
     grants = init_roles(url, worker_, analyst_, mysql_host=mysql_host)
-    out.print(f"database ready: {mask(url)}", highlight=False, soft_wrap=True)
+    out.print(f"database ready: {lit(mask(url))}", highlight=False, soft_wrap=True)
     for role in (worker_, analyst_):
-        out.print(f"  {role.kind} role {role.name}: {summary(grants[role.name])}", highlight=False, soft_wrap=True)
+        out.print(
+            f"  {role.kind} role {lit(role.name)}: {lit(summary(grants[role.name]))}", highlight=False, soft_wrap=True
+        )
 
 
 def main() -> None:

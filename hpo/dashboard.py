@@ -50,8 +50,49 @@ class ReadOnlyGuard:
         return self.app(environ, start_response)
 
 
-def create_app(storage_url: str, allow_writes: bool = False) -> WSGIApp:
+#: The names a dashboard answers to whatever it is bound to: this machine's loopback.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host:`` header, lower-cased, without port or IPv6 brackets (``[::1]:8080`` -> ``::1``)."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class HostGuard:
+    """WSGI middleware answering ``421 Misdirected Request`` to a ``Host:`` header the dashboard is not served as.
+
+    A web page the user visits can point its own domain at 127.0.0.1 (DNS rebinding) and read the dashboard through
+    the user's browser; the browser then sends that domain as ``Host:``, which is refused here.
+    """
+
+    def __init__(self, app: WSGIApp, allowed: Iterable[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(host_name(h) for h in allowed) | LOOPBACK_HOSTS
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        host = host_name(str(environ.get("HTTP_HOST") or ""))
+        if host not in self.allowed:
+            reason = (
+                f"this dashboard is not served as host {host!r}; open it as one of "
+                f"{', '.join(sorted(self.allowed))}, or start it with `hpo dashboard --allow-host NAME`"
+            )
+            body = json.dumps({"reason": reason, "error": "host_not_allowed"}).encode()
+            log.info("refused a request for host %r", host)
+            start_response(
+                "421 Misdirected Request", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+            )
+            return [body]
+        return self.app(environ, start_response)
+
+
+def create_app(storage_url: str, allow_writes: bool = False, allowed_hosts: Iterable[str] = ()) -> WSGIApp:
     """optuna-dashboard's WSGI app on ``storage_url``; read-only (guarded, read-only storage) by default.
+
+    Only requests whose ``Host:`` is a loopback name or one of ``allowed_hosts`` are answered (:class:`HostGuard`).
 
     Raises:
         StorageError: the storage cannot be opened.
@@ -59,8 +100,8 @@ def create_app(storage_url: str, allow_writes: bool = False) -> WSGIApp:
     import optuna_dashboard
 
     if allow_writes:
-        return optuna_dashboard.wsgi(open_storage(storage_url))
-    return ReadOnlyGuard(optuna_dashboard.wsgi(open_read_only(storage_url)))
+        return HostGuard(optuna_dashboard.wsgi(open_storage(storage_url)), allowed_hosts)
+    return HostGuard(ReadOnlyGuard(optuna_dashboard.wsgi(open_read_only(storage_url))), allowed_hosts)
 
 
 class _ThreadedServer(ThreadingMixIn, WSGIServer):

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from hpo.errors import HpoError
+from hpo.render import visible
 
 #: Short header labels for the long column names of ``trials``, ``best`` and ``studies``.
 LABELS: dict[str, str] = {
@@ -98,8 +100,8 @@ def fit_table(
     the rest are listed in :attr:`Fitted.hidden`. Space left over widens the kept columns up to their widest cell;
     cells still too wide fold inside their column (never a header).
     """
-    labels = {c: label(c, columns) for c in columns}
-    cells = {c: [cell(r.get(c)) for r in rows] for c in columns}
+    labels = {c: visible(label(c, columns)) for c in columns}  # names are data: control characters shown
+    cells = {c: [visible(cell(r.get(c))) for r in rows] for c in columns}
     natural = {c: max([len(labels[c]), *(len(x) for x in cells[c])]) for c in columns}
     minimum = {c: natural[c] if c in WHOLE else max([len(labels[c]), *(_word(x) for x in cells[c])]) for c in columns}
     kept: list[str] = []
@@ -117,11 +119,11 @@ def fit_table(
         if grow > 0:
             widths[c] += grow
             spare -= grow
-    table = Table(title=title or None, title_justify="left")
+    table = Table(title=Text(visible(title)) if title else None, title_justify="left")  # never parsed as markup
     for c in kept:
-        table.add_column(labels[c], width=widths[c], overflow="fold", no_wrap=False)
+        table.add_column(Text(labels[c]), width=widths[c], overflow="fold", no_wrap=False)
     for i in range(len(rows)):
-        table.add_row(*[cells[c][i] for c in kept])
+        table.add_row(*[Text(cells[c][i]) for c in kept])
     return Fitted(table, [labels[c] for c in columns if c not in kept])
 
 

@@ -24,6 +24,8 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hpo.render import visible
+
 #: The logger of the per-trial lines; :func:`trial_logger` gives it a plain handler of its own.
 TRIAL_LOG = "hpo.trials"
 
@@ -32,21 +34,24 @@ def trial_line(t: FrozenTrial, metric: str = "value") -> str:
     """``trial 3 COMPLETE val_accuracy=0.8734 in 1.2s`` (+ ``reason=...``, and the error of a failed trial)."""
     parts = [f"trial {t.number} {t.state.name}"]
     if t.values is not None and len(t.values) == 1:
-        parts.append(f"{metric}={t.values[0]:.6g}")
+        parts.append(f"{visible(metric)}={t.values[0]:.6g}")
     if t.datetime_start is not None and t.datetime_complete is not None:
         parts.append(f"in {(t.datetime_complete - t.datetime_start).total_seconds():.1f}s")
     reason = t.user_attrs.get("reason")
     if reason:
-        parts.append(f"reason={reason}")
+        parts.append(f"reason={visible(reason)}")
     error = t.user_attrs.get("error")
     if error and t.state == TrialState.FAIL:
-        parts.append(f"error={str(error).splitlines()[0][:200]!r}")
+        parts.append(f"error={visible(str(error).splitlines()[0][:200])!r}")
     return " ".join(parts)
 
 
 def trial_logger(stream: Any = None) -> logging.Logger:
     """The per-trial logger, writing ``<time> <line>`` to ``stream`` (stderr) whatever the root logger's level."""
     logger = logging.getLogger(TRIAL_LOG)
+    for h in logger.handlers:  # the process's stderr now (an in-process CLI run swaps and closes it)
+        if getattr(h, "_hpo_trials", False) and isinstance(h, logging.StreamHandler):
+            h.stream = stream or sys.stderr  # not setStream: it flushes the old, maybe closed, stream
     if not any(getattr(h, "_hpo_trials", False) for h in logger.handlers):
         handler = logging.StreamHandler(stream or sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
@@ -114,7 +119,7 @@ class StudyProgress:
             self.budget = stored.get("n_trials") if isinstance(stored, dict) else None
         # trials finished before this run are counted, not listed again
         self.seen = {t.number for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()}
-        self.task = self.bar.add_task(Text(self.name, style="bold").markup, total=self.budget, info="")
+        self.task = self.bar.add_task(Text(visible(self.name), style="bold").markup, total=self.budget, info="")
         self.bar.start()
         self.poll(force=True)
         return self.poll

@@ -408,6 +408,52 @@ class PopulationSpec(_Strict):
         return v
 
 
+# --------------------------------------------------------------------------- fixed parameters (enqueue)
+
+#: The parameters each built-in objective reads from a trial; a space entry of another name would be sampled and
+#: ignored, so it is refused. A user's own objective (``module:function``) may take any names.
+KNOWN_PARAMS: dict[str, frozenset[str]] = {
+    "training": frozenset(
+        "batch_size lr epochs optimizer momentum weight_decay beta1 beta2 layers n_layers units activation channels".split()
+    ),
+    "grokking": frozenset(
+        "train_fraction p op layers width depth batch_size steps lr weight_decay beta1 beta2 activation d_model "
+        "n_heads d_mlp".split()
+    ),
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_params(space: dict[str, Any], params: Any) -> str | None:
+    """Why fixed parameters (an ``enqueue:`` entry, ``hpo enqueue -p``) do not fit ``space``, as
+    ``name: reason``; ``None`` when they fit. Checks names, types, ranges and choices; missing names are drawn."""
+    if not isinstance(params, dict):
+        return f"{type(params).__name__}: write a mapping of parameter names to values"
+    for name, v in params.items():
+        p = space.get(name) if isinstance(name, str) else None
+        if p is None and (not isinstance(name, str) or name not in space):
+            return f"{name}: not in the study's space (known: {', '.join(space) or 'none'})"
+        if isinstance(p, IntParam | FloatParam):
+            if not _is_number(v) or (isinstance(p, IntParam) and not float(v).is_integer()):
+                kind = "a whole number" if isinstance(p, IntParam) else "a number"
+                return f"{name}: must be {kind} (got {v!r})"
+            if not math.isfinite(v) or not p.low <= v <= p.high:
+                return f"{name}: {v!r} is outside the space's range [{p.low}, {p.high}]"
+        elif isinstance(p, ChoiceParam):
+            if not any(type(v) is type(c) and v == c for c in p.choices) and not any(
+                _is_number(v) and _is_number(c) and v == c for c in p.choices
+            ):
+                return f"{name}: {v!r} is not one of the choices {p.choices}"
+        else:
+            fixed = p.value if isinstance(p, FixedParam) else p
+            if v != fixed:
+                return f"{name}: fixed at {fixed!r} in the space (got {v!r})"
+    return None
+
+
 # --------------------------------------------------------------------------- the study
 
 
@@ -448,11 +494,26 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> StudySpec:
+        order = list(self.space)
+        known = KNOWN_PARAMS.get(self.objective.kind)
         for name, p in self.space.items():
             when = getattr(p, "when", None) or {}
             for other in when:
                 if other not in self.space:
                     raise ValueError(f"space.{name}.when: refers to {other!r}, which is not in the space")
+                if order.index(other) >= order.index(name):
+                    raise ValueError(
+                        f"space.{name}.when: refers to {other!r}, which is written below it; write {other!r} first"
+                    )
+            if known is not None and name not in known:
+                raise ValueError(
+                    f"space.{name}: the {self.objective.kind} objective has no parameter {name!r} "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+        for i, params in enumerate(self.enqueue):
+            problem = check_params(self.space, params)
+            if problem:
+                raise ValueError(f"enqueue.{i}.{problem}")
         opt = self.space.get("optimizer")
         choices: list[Any] = []
         if isinstance(opt, ChoiceParam):
@@ -475,6 +536,18 @@ class StudySpec(_Strict):
             if pred.param not in self.space:
                 raise ValueError(f"predictions: parameter {pred.param!r} is not in the space")
         return self
+
+
+def stored_form(spec: StudySpec) -> dict[str, Any]:
+    """The study file as stored with its study (``hpo:spec``): JSON, with any credential in ``storage`` masked.
+
+    Analysts read study attributes, so no password may be stored there (the storage URL is never read back)."""
+    from hpo.storage import mask
+
+    data = spec.model_dump(mode="json")
+    if data.get("storage"):
+        data["storage"] = mask(data["storage"])
+    return data
 
 
 def _format_error(err: dict[str, Any]) -> str:
@@ -530,14 +603,71 @@ def load_spec(path: str | Path) -> StudySpec:
     if not p.is_file():
         raise SpecError(f"{p}: no such study file")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{p}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     except OSError as exc:
         raise SpecError(f"{p}: cannot read: {exc.strerror}") from None
+    return parse_spec(load_yaml(text, str(p)), str(p))
+
+
+#: Deepest nesting of lists and mappings a study file may use (a deeper one is refused, not a RecursionError).
+MAX_DEPTH = 50
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    source = "<study>"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if duplicate:
+                line = key_node.start_mark.line + 1
+                raise SpecError(f"{self.source}: line {line}: duplicate key {key!r}; write each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _depth(node: yaml.Node) -> int:
+    deepest, todo = 0, [(node, 1)]
+    while todo:
+        n, d = todo.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            return d
+        if isinstance(n, yaml.SequenceNode):
+            todo.extend((c, d + 1) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            todo.extend((c, d + 1) for kv in n.value for c in kv)
+    return deepest
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse a YAML document safely: duplicate keys, nesting deeper than :data:`MAX_DEPTH` and syntax errors are
+    one-line :class:`SpecError` naming ``source`` and the line."""
     try:
-        data = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.source = source
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            if _depth(node) > MAX_DEPTH:
+                raise SpecError(f"{source}: nested deeper than {MAX_DEPTH} levels")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply to read") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{p}: YAML syntax error at {where}{problem}") from None
-    return parse_spec(data, str(p))
+        raise SpecError(f"{source}: YAML syntax error at {where}{problem}") from None

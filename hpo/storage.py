@@ -23,12 +23,13 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote, quote_plus, unquote
 
 import optuna
 import sqlalchemy
@@ -69,33 +70,83 @@ def resolve_url(cli_url: str | None = None, spec_url: str | None = None) -> str:
 
 def _parse(url: str) -> URL:
     try:
-        return make_url(url)
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
+        if "://" not in url and ":/" not in url:  # not URL-shaped: no telling where a password is, so not shown
+            raise StorageError("malformed storage URL (write dialect+driver://user@host/database)") from None
         raise StorageError(f"malformed storage URL: {mask(url)}") from None
+    if parsed.host and "@" in parsed.host:  # an unescaped "@" in the password: the driver would get part of it
+        raise StorageError(f"malformed storage URL: {mask(url)} (write an '@' in a password as %40)")
+    return parsed
+
+
+#: Query keys whose value is a credential (``?password=...``): masked as the password is.
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "sslpassword", "secret", "token", "api_key", "apikey")
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:" + "|".join(SECRET_QUERY_KEYS) + r")=)([^&#;]*)")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*:)(/*)(.*)$", re.S)
+
+
+def _userinfo(url: str) -> tuple[str, str, str, str | None] | None:
+    """Split a URL on the last ``@`` (a password may hold unescaped ``@``, ``/`` or ``:``, so no parser can be
+    trusted): (scheme and slashes, user, rest after the ``@``, password or None). None without userinfo."""
+    m = _SCHEME.match(url)
+    if m is None:
+        return None
+    head, rest = m.group(1) + m.group(2), m.group(3)
+    if head.lower().startswith("sqlite"):  # a file path, no credentials: an "@" in it is part of the name
+        return None
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    creds, tail = rest[:at], rest[at:]
+    user, sep, password = creds.partition(":")
+    return head, user, tail, (password if sep else None)
 
 
 def mask(url: str) -> str:
-    """The URL with its password replaced by ``***`` (works on malformed URLs too)."""
+    """The URL with its password, and any credential in its query (``?password=``), replaced by ``***``.
+
+    Works on the raw text, so malformed URLs (one slash, an unescaped ``@`` in the password, ``[bad`` hosts) are
+    masked too: everything between the user's ``:`` and the last ``@`` counts as the password.
+    """
+    text = str(url)
+    parts = _userinfo(text)
+    if parts is not None:
+        head, user, tail, password = parts
+        if password is not None:
+            text = f"{head}{user}:***{tail}"
+    return _SECRET_QUERY.sub(lambda m: m.group(1) + "***", text)
+
+
+def secrets_of(url: str) -> set[str]:
+    """Every credential a URL holds (the password as parsed and as written, query credentials), raw and quoted."""
+    found: set[str] = set()
+    parts = _userinfo(str(url))
+    if parts is not None and parts[3]:
+        found.add(parts[3])
+        found.update(p for p in parts[3].split("@") if len(p) >= 3)  # the tails a wrong parse would show
+    found.update(m.group(2) for m in _SECRET_QUERY.finditer(str(url)) if m.group(2))
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        if parsed.password:
+            found.add(str(parsed.password))
+        for key in SECRET_QUERY_KEYS:
+            value = parsed.query.get(key)
+            if isinstance(value, str) and value:
+                found.add(value)
     except Exception:
-        if "@" in url and "://" in url:
-            scheme, rest = url.split("://", 1)
-            creds, host = rest.rsplit("@", 1)
-            user = creds.split(":", 1)[0]
-            return f"{scheme}://{user}:***@{host}"
-        return url
+        pass
+    whole = parts[3] if parts is not None else None
+    quoted = set()
+    for s in found:
+        quoted.update({quote_plus(s), quote(s, safe=""), unquote(s)})
+    return {s for s in found | quoted if s and (len(s) >= 3 or s == whole)}  # not every "p" of a message
 
 
 def scrub(text: str, url: str) -> str:
-    """Remove the URL's password (raw and URL-quoted) from a message."""
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
-    if password:
-        for form in {str(password), quote_plus(str(password))}:
-            text = text.replace(form, "***")
+    """Remove every credential of the URL (see :func:`secrets_of`) from a message, longest first."""
+    for form in sorted(secrets_of(url), key=len, reverse=True):
+        text = text.replace(form, "***")
     return text
 
 

@@ -392,3 +392,54 @@ def test_mariadb_roles(tmp_path: Path, study_name: str) -> None:
         engine.dispose()
         for _ in gen:
             pass
+
+
+def test_analyst_cannot_undo_the_privilege_layer(pg: Cluster, pg_study: optuna.Study, tmp_path: Path) -> None:
+    """Issue 14: the analyst role may turn its READ ONLY default off for good (PostgreSQL lets a role change its own
+    settings), so that layer is a guard against accidents only; the privilege layer is what holds: with the
+    default off, every write, every grant to itself and every change of its own attributes is still refused, and
+    ``hpo db init`` run again puts the default back."""
+    name = pg_study.study_name
+    before = snapshot(pg.admin, name)
+    engine = sqlalchemy.create_engine(pg.analyst, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET default_transaction_read_only = off")  # this session...
+            conn.exec_driver_sql("ALTER ROLE CURRENT_USER SET default_transaction_read_only = off")  # ...and for good
+        with engine.connect() as conn:  # a new session: the default is off now
+            assert conn.exec_driver_sql("SHOW default_transaction_read_only").scalar() == "off"
+            for stmt in (
+                "DELETE FROM trials",
+                "UPDATE studies SET study_name = 'x'",
+                "INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (1, 'k', '1')",
+                "TRUNCATE trials CASCADE",
+                "DROP TABLE trials CASCADE",
+                "CREATE TABLE mine (x int)",
+                "ALTER ROLE CURRENT_USER SUPERUSER",
+                "ALTER ROLE CURRENT_USER CREATEROLE",
+                "ALTER ROLE CURRENT_USER BYPASSRLS",
+                f"GRANT {pg.worker_role} TO CURRENT_USER",
+                "SET ROLE postgres",
+            ):
+                with pytest.raises(sqlalchemy.exc.DBAPIError) as exc:
+                    conn.exec_driver_sql(stmt)
+                assert exc.value.orig.sqlstate in ("42501", "42P01") or "must be" in str(exc.value), stmt
+            conn.exec_driver_sql("GRANT DELETE, INSERT, UPDATE ON trials TO CURRENT_USER")  # a warning, no grant
+            held = conn.exec_driver_sql(
+                "SELECT has_table_privilege(current_user, 'trials', 'DELETE')"
+                " OR has_table_privilege(current_user, 'trials', 'INSERT')"
+                " OR has_table_privilege(current_user, 'trials', 'UPDATE')"
+            ).scalar()
+            assert held is False
+    finally:
+        engine.dispose()
+    assert snapshot(pg.admin, name) == before
+    res = _db_init(pg.admin, tmp_path, pg.worker_role, pg.analyst_role, None, None)
+    assert res.returncode == 0, res.stderr
+    admin = sqlalchemy.create_engine(pg.admin, poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as conn:
+        config = conn.execute(
+            sqlalchemy.text("SELECT rolconfig FROM pg_roles WHERE rolname = :r"), {"r": pg.analyst_role}
+        ).scalar()
+    admin.dispose()
+    assert config == ["default_transaction_read_only=on"]

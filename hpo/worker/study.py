@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from typing import Any
 
@@ -13,9 +15,11 @@ from hpo.errors import HpoError, StudyError
 from hpo.objectives import Context, resolve, resolve_device, trial_seed
 from hpo.pruners import make_pruner
 from hpo.samplers import make_sampler
-from hpo.spec import StudySpec, parse_spec
-from hpo.storage import budget_lock, open_storage, quiet_optuna
+from hpo.spec import StudySpec, parse_spec, stored_form
+from hpo.storage import budget_lock, mask, open_storage, quiet_optuna
 from hpo.worker.lease import DEFAULT_GRACE_S, GRACE_ATTR
+
+log = logging.getLogger(__name__)
 
 SPEC_ATTR = "hpo:spec"
 
@@ -38,6 +42,9 @@ def create(
     Raises:
         StudyError: the study exists and its stored search space or direction differs from the file's.
     """
+    from hpo.preflight import preflight
+
+    preflight(spec, f"study {spec.name!r}")  # before anything is written
     storage = storage if storage is not None else open_storage(storage_url, **storage_kwargs)
     with quiet_optuna():
         study = optuna.create_study(
@@ -71,7 +78,7 @@ def set_grace(study: optuna.Study, seconds: float) -> None:
 def _store_spec(spec: StudySpec, study: optuna.Study) -> None:
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
-        study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
+        study.set_user_attr(SPEC_ATTR, stored_form(spec))  # never a password: analysts read study attributes
         study.set_user_attr("sampler", spec.sampler.model_dump(mode="json"))
         study.set_user_attr("pruner", spec.pruner.model_dump(mode="json"))
         study.set_user_attr("budget", spec.budget.model_dump(mode="json"))
@@ -80,7 +87,17 @@ def _store_spec(spec: StudySpec, study: optuna.Study) -> None:
         for params in spec.enqueue:
             study.enqueue_trial(search_space.encode_params(params), user_attrs={"enqueued": True}, skip_if_exists=True)
     else:
+        mask_stored_spec(study)
         check_agrees(spec, parse_spec(stored, f"stored study {spec.name!r}"), study)
+
+
+def mask_stored_spec(study: optuna.Study) -> None:
+    """Mask a password stored in the study's ``hpo:spec`` by an hpo older than this rule (a migration, once)."""
+    stored = study.user_attrs.get(SPEC_ATTR)
+    url = stored.get("storage") if isinstance(stored, dict) else None
+    if isinstance(url, str) and mask(url) != url:
+        study.set_user_attr(SPEC_ATTR, {**stored, "storage": mask(url)})
+        log.warning("study %r: masked the password stored in its study file attribute", study.study_name)
 
 
 def check_agrees(spec: StudySpec, stored: StudySpec, study: optuna.Study) -> None:
@@ -100,6 +117,34 @@ def check_agrees(spec: StudySpec, stored: StudySpec, study: optuna.Study) -> Non
                 f"study {spec.name!r}: the file's space.{name} differs from the stored study's "
                 f"(file: {mine.get(name)}, stored: {theirs.get(name)}); use a new study name"
             )
+    changed = experiment_changes(spec, stored)
+    if changed:
+        raise StudyError(
+            f"study {spec.name!r} was run with a different experiment: {'; '.join(changed)}; "
+            "to start a new study with it, change the file's name: field"
+        )
+
+
+#: Objective fields that say how a trial runs, not what it measures: they may change between runs of one study.
+RUN_FIELDS = frozenset({"threads", "device", "checkpoint"})
+
+
+def experiment_changes(spec: StudySpec, stored: StudySpec) -> list[str]:
+    """Each objective field (model, loss, data, defaults, seed, ...) where the file differs from the stored study,
+    as ``objective.model.layers (file: [32, 32], stored: [16])``."""
+    found: list[str] = []
+
+    def walk(path: str, a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(f"{path}.{key}", a.get(key), b.get(key))
+        elif a != b:
+            found.append(f"{path} (file: {a!r}, stored: {b!r})")
+
+    mine = spec.objective.model_dump(mode="json", exclude=set(RUN_FIELDS))
+    theirs = stored.objective.model_dump(mode="json", exclude=set(RUN_FIELDS))
+    walk("objective", mine, theirs)
+    return found
 
 
 def load(study_name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, StudySpec]:
@@ -116,6 +161,8 @@ def load(study_name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.
             f"study {study_name!r} was not created by hpo (no stored study file); run it with a study file"
         )
     spec = parse_spec(stored, f"stored study {study_name!r}")
+    with contextlib.suppress(Exception):  # a read-only role cannot migrate; what it reads is masked by the worker
+        mask_stored_spec(summary)
     study = optuna.load_study(
         study_name=study_name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec.pruner)
     )
