@@ -283,8 +283,6 @@ def _judge(claim: str, better: str | None, ev: dict[str, Any], w: _Words) -> tup
     if claim == "diminishing_returns":
         if flat:
             return REFUTED, f"no trend to diminish: {w.flat()}"
-        if rises_then_falls:
-            return REFUTED, f"it turns rather than levels off: {w.peak()}, falling towards both edges"
         for end in ends:
             near, far = (0, last) if end == "lower" else (last, 0)
             toward = down if end == "lower" else up
@@ -303,6 +301,8 @@ def _judge(claim: str, better: str | None, ev: dict[str, Any], w: _Words) -> tup
                 )
             if toward and not falls and dhi < 0:
                 return REFUTED, f"{whole}, and the gains grow rather than flatten towards {w.name} {w.x(near)}"
+        if rises_then_falls:
+            return REFUTED, f"it turns rather than levels off: {w.peak()}, falling towards both edges"
         return UNKNOWN, f"{whole}; whether the gains flatten out is within the noise"
     if claim == "interior_optimum":
         if rises_then_falls:
