@@ -386,7 +386,7 @@ def check_prediction(study: optuna.Study, prediction: Prediction, seed: int = 0)
     if n < MIN_TRIALS:
         return Verdict(
             verdict=UNKNOWN,
-            reason=f"{n} complete trials with {name}; at least {MIN_TRIALS} needed",
+            reason=f"{n} complete trials with {name}; at least {MIN_TRIALS} are needed.",
             evidence={"source": source},
             next_step=_next_step(name, swept, n),
             **base,

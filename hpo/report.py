@@ -155,7 +155,8 @@ class _Study:
         if design is None:
             return ""
         others = [f"{_label(k)} {_sig(v)}" for k, v in design.baseline.items() if k != name]
-        return "others at the baseline: " + ", ".join(others)
+        seeds = f"{design.seeds} seeds per point"
+        return f"{seeds}; others at the baseline: " + ", ".join(others) if others else seeds
 
 
 def _stored_spec(study: optuna.Study) -> StudySpec | None:
@@ -452,6 +453,7 @@ def _grokking_curves(ctx: _Study) -> go.Figure | None:
         r, c = i // cols + 1, i % cols + 1
         curve = t.user_attrs["curve"]
         first = i == 0
+        first_gen = t is next((u for u in trials if u.user_attrs.get("generalised")), None)
         fig.add_trace(
             go.Scatter(
                 x=curve["step"],
@@ -487,13 +489,14 @@ def _grokking_curves(ctx: _Study) -> go.Figure | None:
                     mode="lines",
                     name="step it generalised",
                     line={"color": "#2a7a2a", "dash": "dot"},
-                    showlegend=first,
+                    showlegend=first_gen,
                     legendgroup="gen",
                 ),
                 row=r,
                 col=c,
             )
     fig.update_yaxes(range=[0, 1.05])
+    fig.update_xaxes(range=[0, max(max(t.user_attrs["curve"]["step"]) for t in trials)])  # side by side: same steps
     fig.update_layout(
         title={"text": "Grokking: training and validation accuracy over steps, one panel per trial, by weight decay"},
         height=260 * rows + 120,
