@@ -277,7 +277,14 @@ def _effect(ctx: _Study, name: str, dist: Any) -> go.Figure:
     )
     if log:
         fig.update_xaxes(type="log")
+    _ticks_at(fig, sorted({float(t.params[name]) for t in trials}))
     return fig
+
+
+def _ticks_at(fig: go.Figure, values: list[float]) -> None:
+    """Ticks exactly at a sweep's points (few values), labelled as the study file writes them."""
+    if 1 < len(values) <= 12:
+        fig.update_xaxes(tickvals=values, ticktext=[_sig(v) for v in values])
 
 
 def _categorical(ctx: _Study, name: str) -> go.Figure:
@@ -553,6 +560,7 @@ def _grokking_steps(ctx: _Study, name: str) -> go.Figure | None:
     )
     if _is_log(ctx.dists.get(name)):
         fig.update_xaxes(type="log")
+    _ticks_at(fig, sorted({float(v) for v in x}))
     return fig
 
 
@@ -609,7 +617,7 @@ def _figures(ctx: _Study) -> dict[str, go.Figure]:
         curves = _curves(ctx)
         if curves is not None:
             figs["curves"] = curves
-    if imps:
+    if len(imps) > 1:  # one hyperparameter explains everything by definition
         figs["importances"] = _importances(imps)
     if ctx.complete and getattr(ctx.spec, "design", None) is None:
         figs["history"] = optuna.visualization.plot_optimization_history(ctx.study, target_name=ctx.metric)
@@ -781,7 +789,7 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     figs = _figures(ctx)
     imps = query.importances("", study)
     imps_top = None
-    if imps:
+    if len(imps) > 1:
         ranked = list(imps.items())
         imps_top = (
             f"{_label(ranked[0][0])} matters most (importance {_sig(ranked[0][1])})"
