@@ -748,7 +748,13 @@ def check(
         _emit([v.as_dict() for v in verdicts], fmt, "")
         return
     rows = [
-        {"param": v.param, "claim": v.claim, "verdict": v.verdict, "trials": v.n_trials, "evidence": v.reason}
+        {
+            "param": v.param,
+            "claim": v.claim + (f" ({v.better} is better)" if v.better else ""),
+            "verdict": v.verdict,
+            "trials": v.n_trials,
+            "evidence": v.reason + (f" To settle it: {v.next_step}." if v.next_step else ""),
+        }
         for v in verdicts
     ]
     _emit(rows, fmt, f"predictions of {name}")

@@ -1,14 +1,22 @@
-"""The HTML report: how each hyperparameter influences the result, in one self-contained file.
+"""The HTML report: the learner's questions answered, in one self-contained file (plotly.js inlined, works offline).
 
-plotly.js is inlined once, so the file works offline. Sections: a plain-words summary, the predictions' verdicts
-(:mod:`hpo.hypotheses`), optimization history, parameter importances, each parameter's marginal effect (slice with
-a rolling-median trend, log axes for log ranges), the lr x batch_size contour, the metric per optimizer, learning
-curves coloured by outcome, and the best trials. A study with no COMPLETE trial gets an honest report saying so.
+Sections, in the order a learner asks: a plain-words summary and the predictions' verdicts; then one section per
+hyperparameter, "what does it do?", with the verdicts about it and its plot (mean and spread over seeds per point
+where the study is a designed experiment, every trial as a dot, a chance line for accuracy, n per point, log axes
+for log ranges); the interaction of learning rate and batch size; the optimizers (one plot, n and pruned counts);
+grokking, where the study is one (training and validation accuracy over steps per trial, sorted by weight decay,
+the step it generalised marked); learning curves summarised (median and middle half per outcome); which
+hyperparameters matter most (seeded fANOVA, the same numbers as ``hpo importance``); the best trials as a readable
+table; a short glossary. A study with no COMPLETE trial gets an honest report saying so.
+
+:func:`figures` returns the same figures as plotly objects, by key (``effect-<param>``, ``interaction``,
+``optimizer``, ``grokking-curves``, ``grokking-steps``, ``curves``, ``importances``, ``history``); the HTML id of
+each plot is ``plot-<key>``.
 
 Example:
     >>> from hpo.report import write_report
-    >>> write_report("sqlite:///hpo.db", "spirals-optimizer", "reports/")  # doctest: +SKIP
-    PosixPath('reports/spirals-optimizer.html')
+    >>> write_report("sqlite:///hpo.db", "lesson", "reports/")  # doctest: +SKIP
+    PosixPath('reports/lesson.html')
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from plotly.offline import get_plotlyjs
 
 from hpo import query
 from hpo.errors import HpoError, SpecError
-from hpo.hypotheses import MIN_TRIALS, Verdict, check
+from hpo.hypotheses import Verdict, check
 from hpo.spec import Prediction, StudySpec, parse_spec
 
 SPEC_ATTR = "hpo:spec"  # where hpo.worker.create stores the study file
@@ -83,7 +91,82 @@ def check_study(storage_url: str, study_name: str, spec: StudySpec | None = None
     return check(study, preds)
 
 
-# --------------------------------------------------------------------------- figures
+# --------------------------------------------------------------------------- what the figures need
+
+#: chance level of a validation accuracy, by data source (binary spirals; 10 classes for the digit sets)
+CHANCE = {"spirals": 0.5, "digits": 0.1, "mnist1d": 0.1, "idx": 0.1}
+#: words a learner reads, for parameter names and units
+LABELS = {
+    "lr": "learning rate",
+    "batch_size": "batch size",
+    "weight_decay": "weight decay",
+    "train_fraction": "training fraction",
+    "n_layers": "hidden layers",
+    "sgd_momentum": "SGD with momentum",
+}
+GREY, BLUE, ORANGE, RED = "#9aa5b1", "#1f77b4", "#ff7f0e", "#d62728"
+
+
+def _label(name: str) -> str:
+    return LABELS.get(name, name.replace("_", " "))
+
+
+def _sig(v: Any) -> str:
+    """Numbers to 3 significant figures, no exponent for numbers a learner types; anything else as text."""
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        text = f"{v:.3g}"
+        return f"{v:.0f}" if "e+" in text else text
+    return str(v)
+
+
+class _Study:
+    """One read of a study: its trials, stored study file, metric, chance level and the design's sweeps."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec | None) -> None:
+        self.study = study
+        self.trials = study.get_trials(deepcopy=False)
+        self.spec = spec if spec is not None else _stored_spec(study)
+        self.metric = str(study.user_attrs.get("metric") or (self.spec.metric if self.spec else "value"))
+        self.maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        self.complete = [t for t in self.trials if t.state == TrialState.COMPLETE and t.value is not None]
+        self.dists = _distributions(self.complete)
+        obj = self.spec.objective if self.spec else None
+        source = getattr(getattr(obj, "data", None), "source", None)
+        self.chance = CHANCE.get(str(source)) if self.metric in ("val_accuracy", "test_accuracy") else None
+        self.grokking = getattr(obj, "kind", None) == "grokking" or any("curve" in t.user_attrs for t in self.trials)
+        self.censor = (obj.steps + obj.eval_every) if getattr(obj, "kind", None) == "grokking" else None  # type: ignore[union-attr]
+
+    def about(self, name: str, states: tuple[TrialState, ...] = (TrialState.COMPLETE,)) -> tuple[list[Any], bool]:
+        """Trials with ``name``: its design sweep where there is one, else every trial (in ``states``)."""
+        have = [t for t in self.trials if t.state in states and name in t.params]
+        swept = [t for t in have if name in (t.user_attrs.get("sweeps") or ())]
+        if any(t.state == TrialState.COMPLETE for t in swept):
+            return swept, True
+        return have, False
+
+    def baseline(self, name: str) -> str:
+        design = getattr(self.spec, "design", None)
+        if design is None:
+            return ""
+        others = [f"{_label(k)} {_sig(v)}" for k, v in design.baseline.items() if k != name]
+        seeds = f"{design.seeds} seeds per point"
+        return f"{seeds}; others at the baseline: " + ", ".join(others) if others else seeds
+
+
+def _stored_spec(study: optuna.Study) -> StudySpec | None:
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        return None
+    try:
+        return parse_spec(stored, f"stored study {study.study_name!r}")
+    except SpecError:
+        return None
 
 
 def _distributions(trials: list[optuna.trial.FrozenTrial]) -> dict[str, Any]:
@@ -98,160 +181,599 @@ def _is_log(d: Any) -> bool:
     return isinstance(d, FloatDistribution | IntDistribution) and bool(d.log)
 
 
-def _fig_html(fig: go.Figure, div_id: str) -> str:
-    fig.update_layout(template="plotly_white", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50})
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
-
-
-def _slice(df: pd.DataFrame, name: str, dist: Any, metric: str) -> go.Figure:
-    col = f"params_{name}"
-    d = df[[col, "value", "number"]].dropna()
-    fig = go.Figure()
-    if isinstance(dist, CategoricalDistribution):
-        for choice, grp in d.groupby(col, sort=False):
-            fig.add_trace(go.Box(y=grp["value"], name=str(choice), boxpoints="all", jitter=0.4))
-        fig.update_layout(title=f"{metric} by {name}", xaxis_title=name, yaxis_title=metric, showlegend=False)
-        return fig
-    d = d.sort_values(col)
+def _chance_trace(fig: go.Figure, x0: float, x1: float, level: float) -> None:
     fig.add_trace(
         go.Scatter(
-            x=d[col],
-            y=d["value"],
-            mode="markers",
-            name="trials",
-            marker={"color": d["number"], "colorscale": "Blues", "showscale": True, "colorbar": {"title": "trial"}},
-            text=[f"#{n}" for n in d["number"]],
+            x=[x0, x1],
+            y=[level, level],
+            mode="lines",
+            name=f"chance ({_sig(level)})",
+            line={"color": RED, "dash": "dot", "width": 1.5},
+            hoverinfo="name",
         )
     )
-    if len(d) >= 5:
-        window = max(3, len(d) // 6)
-        trend = d["value"].rolling(window, center=True, min_periods=max(2, window // 2)).median()
-        fig.add_trace(go.Scatter(x=d[col], y=trend, mode="lines", name=f"rolling median ({window})"))
-    fig.update_layout(title=f"{metric} vs {name}", xaxis_title=name, yaxis_title=metric)
-    if _is_log(dist):
-        fig.update_xaxes(type="log")
-    return fig
 
 
-def _curves(cdf: pd.DataFrame) -> go.Figure:
+# --------------------------------------------------------------------------- the figures
+
+
+def _groups(x: list[float], log: bool) -> list[tuple[float, list[int]]]:
+    """(position, indices) per group: by value where few values, else 6 equal-width bins (log scale if log)."""
+    values = sorted(set(x))
+    if len(values) <= 12:
+        return [(v, [i for i, xi in enumerate(x) if xi == v]) for v in values]
+    t = [math.log10(v) for v in x] if log else list(x)
+    lo, hi = min(t), max(t)
+    bins: dict[int, list[int]] = {}
+    for i, ti in enumerate(t):
+        bins.setdefault(min(int((ti - lo) / (hi - lo) * 6), 5), []).append(i)
+    out = []
+    for _, idx in sorted(bins.items()):
+        pos = float(pd.Series([t[i] for i in idx]).median())
+        out.append((10**pos if log else pos, idx))
+    return out
+
+
+def _effect(ctx: _Study, name: str, dist: Any) -> go.Figure:
+    """The metric against one numeric parameter: every trial a dot, mean +- sd per point (or bin), n per point."""
+    trials, swept = ctx.about(name)
+    trials = [t for t in trials if t.state == TrialState.COMPLETE]
+    metric, log = ctx.metric, _is_log(dist)
     fig = go.Figure()
-    for state, grp in cdf.groupby("state", sort=False):
-        xs: list[Any] = []
-        ys: list[Any] = []
-        for _, t in grp.groupby("number"):
-            xs += [*t["step"].tolist(), None]
-            ys += [*t["value"].tolist(), None]
+    censored = [t for t in trials if ctx.censor is not None and t.value is not None and t.value >= ctx.censor]
+    kept = [t for t in trials if t not in censored]
+    x = [float(t.params[name]) for t in kept]
+    y = [float(t.value) for t in kept]  # type: ignore[arg-type]
+    seeds = "trial (one seed)" if swept else "trial"
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=y,
+            mode="markers",
+            name=seeds,
+            marker={"color": GREY, "size": 6, "opacity": 0.7},
+            text=[f"trial #{t.number}, seed {t.user_attrs.get('seed')}" for t in kept],
+            hovertemplate="%{x}: %{y}<br>%{text}<extra></extra>",
+        )
+    )
+    if censored:
         fig.add_trace(
             go.Scatter(
-                x=xs,
-                y=ys,
-                mode="lines+markers",
-                name=f"{state.lower()} ({grp['number'].nunique()})",
-                line={"color": STATE_COLOURS.get(str(state), "#9467bd"), "width": 1},
-                marker={"size": 3},
-                opacity=0.6,
-                connectgaps=False,
+                x=[float(t.params[name]) for t in censored],
+                y=[ctx.censor] * len(censored),
+                mode="markers",
+                name=f"did not generalise within {ctx.censor - (ctx.spec.objective.eval_every if ctx.spec else 0)} steps",  # type: ignore[union-attr,operator]
+                marker={"color": RED, "symbol": "x-open", "size": 8},
             )
         )
-    fig.update_layout(title="Learning curves (intermediate values) by outcome", xaxis_title="step", yaxis_title="value")
+    if kept and ctx.censor is None:
+        groups = _groups(x, log)
+        mx = [g for g, _ in groups]
+        means = [float(pd.Series([y[i] for i in idx]).mean()) for _, idx in groups]
+        sds = [float(pd.Series([y[i] for i in idx]).std(ddof=1)) if len(idx) > 1 else 0.0 for _, idx in groups]
+        ns = [len(idx) for _, idx in groups]
+        fig.add_trace(
+            go.Scatter(
+                x=mx,
+                y=means,
+                mode="lines+markers+text",
+                name="mean ± sd" + (" over seeds" if swept else " per bin"),
+                line={"color": BLUE, "width": 2},
+                marker={"size": 8},
+                error_y={"type": "data", "array": sds, "visible": True, "color": BLUE, "thickness": 1.5},
+                text=[f"n={n}" for n in ns],
+                textposition="top center",
+                textfont={"size": 10, "color": "#555"},
+            )
+        )
+    if ctx.chance is not None and x:
+        _chance_trace(fig, min(x), max(x), ctx.chance)
+    how = f"sweep of {_label(name)}, {ctx.baseline(name)}" if swept else f"all {len(trials)} complete trials"
+    fig.update_layout(
+        title={"text": f"{metric} against {_label(name)}<br><sup>{html.escape(how)}</sup>"},
+        xaxis_title=_label(name) + (" (log scale)" if log else ""),
+        yaxis_title=metric,
+        legend={"orientation": "h", "y": -0.22},
+    )
+    if log:
+        fig.update_xaxes(type="log")
+    _ticks_at(fig, sorted({float(t.params[name]) for t in trials}))
     return fig
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def _ticks_at(fig: go.Figure, values: list[float]) -> None:
+    """Ticks exactly at a sweep's points (few values), labelled as the study file writes them."""
+    if 1 < len(values) <= 12:
+        fig.update_xaxes(tickvals=values, ticktext=[_sig(v) for v in values])
 
 
-def _summary(
-    study: optuna.Study,
-    df: pd.DataFrame,
-    importances: dict[str, float],
-    dists: dict[str, Any],
-    metric: str,
-    verdicts: list[Verdict],
-) -> list[str]:
-    complete = df[df["state"] == "COMPLETE"].dropna(subset=["value"])
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    best = complete.sort_values("value", ascending=not maximize)
-    lines = []
-    if importances:
-        ranked = list(importances.items())
-        top, share = ranked[0]
-        text = f"{top} matters most (importance {share:.2f})"
-        if len(ranked) > 1:
-            text += "; then " + ", ".join(f"{k} ({v:.2f})" for k, v in ranked[1:4])
-        lines.append(text + ".")
-    n_top = max(3, math.ceil(0.1 * len(best)))
-    head = best.head(n_top)
-    for name in list(importances)[:3] or [c[7:] for c in df.columns if c.startswith("params_")][:3]:
-        col = f"params_{name}"
-        if col not in head or head[col].dropna().empty:
+def _categorical(ctx: _Study, name: str) -> go.Figure:
+    """One box per choice, every trial a dot; n and pruned counts under each choice."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    trials, swept = ctx.about(name, states)
+    fig = go.Figure()
+    choices: dict[str, list[Any]] = {}
+    for t in trials:
+        choices.setdefault(str(t.params[name]), []).append(t)
+    for choice, group in sorted(choices.items()):
+        done = [t.value for t in group if t.state == TrialState.COMPLETE]
+        pruned = sum(t.state == TrialState.PRUNED for t in group)
+        label = f"{_label(choice)}<br>n={len(done)}, pruned {pruned}"
+        fig.add_trace(
+            go.Box(
+                x=[label] * len(done),
+                y=done,
+                name=_label(choice),
+                boxpoints="all",
+                jitter=0.3,
+                pointpos=0,
+                marker={"color": BLUE, "size": 5},
+                line={"color": BLUE},
+                fillcolor="rgba(31,119,180,0.15)",
+            )
+        )
+    if ctx.chance is not None and choices:
+        labels = [
+            f"{_label(c)}<br>n={sum(t.state == TrialState.COMPLETE for t in g)}, pruned "
+            f"{sum(t.state == TrialState.PRUNED for t in g)}"
+            for c, g in sorted(choices.items())
+        ]
+        _chance_trace(fig, labels[0], labels[-1], ctx.chance)  # type: ignore[arg-type]
+    how = f"sweep of {_label(name)}, {ctx.baseline(name)}" if swept else f"all {len(trials)} trials"
+    fig.update_layout(
+        title={"text": f"{ctx.metric} per {_label(name)}<br><sup>{html.escape(how)}</sup>"},
+        yaxis_title=ctx.metric,
+        showlegend=False,
+    )
+    return fig
+
+
+def _interaction(ctx: _Study, a: str, b: str) -> go.Figure | None:
+    """``a`` x ``b``, colour the metric; trials at the same point (seeds) drawn as one dot, their mean, sized by n.
+
+    In a designed experiment: the sweeps of ``a`` and ``b`` and the space-filling sample (not the other sweeps,
+    which change a third hyperparameter at the baseline's point)."""
+    both = [t for t in ctx.complete if a in t.params and b in t.params]
+    if getattr(ctx.spec, "design", None) is not None:
+        both = [
+            t for t in both if t.user_attrs.get("design") == "sample" or {a, b} & set(t.user_attrs.get("sweeps") or ())
+        ]
+    if len({t.params[a] for t in both}) < 3 or len({t.params[b] for t in both}) < 3:
+        return None
+    points: dict[tuple[Any, Any], list[float]] = {}
+    for t in both:
+        points.setdefault((t.params[a], t.params[b]), []).append(float(t.value))  # type: ignore[arg-type]
+    xs, ys = [k[0] for k in points], [k[1] for k in points]
+    means = [sum(v) / len(v) for v in points.values()]
+    ns = [len(v) for v in points.values()]
+    fig = go.Figure(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            marker={
+                "color": means,
+                "colorscale": "Viridis",
+                "reversescale": not ctx.maximize,
+                "size": [9 + 2 * min(n, 8) for n in ns],
+                "line": {"width": 0.5, "color": "#333"},
+                "colorbar": {"title": {"text": ctx.metric}},
+            },
+            text=[f"{ctx.metric} {_sig(m)} (mean of {n})" for m, n in zip(means, ns, strict=True)],
+            hovertemplate="%{x}, %{y}: %{text}<extra></extra>",
+            name="point",
+        )
+    )
+    fig.update_layout(
+        title={
+            "text": f"{_label(a)} x {_label(b)}: colour is {ctx.metric}<br><sup>{len(both)} complete trials at "
+            f"{len(points)} points; a bigger dot is the mean over more seeds</sup>"
+        },
+        xaxis_title=_label(a),
+        yaxis_title=_label(b),
+        showlegend=False,
+    )
+    if _is_log(ctx.dists.get(a)):
+        fig.update_xaxes(type="log")
+    if _is_log(ctx.dists.get(b)):
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def _curves(ctx: _Study) -> go.Figure | None:
+    """Median and middle half of the intermediate values per step, one band per outcome."""
+    rows = [
+        {"state": t.state.name.lower(), "number": t.number, "step": s, "value": v}
+        for t in ctx.trials
+        for s, v in t.intermediate_values.items()
+        if v is not None and math.isfinite(v)
+    ]
+    if not rows:
+        return None
+    df = pd.DataFrame(rows)
+    fig = go.Figure()
+    colours = {"complete": BLUE, "pruned": ORANGE, "fail": RED}
+    for state, grp in df.groupby("state", sort=True):
+        q = grp.groupby("step")["value"].quantile([0.25, 0.5, 0.75]).unstack()
+        c = colours.get(str(state), "#9467bd")
+        steps = list(q.index)
+        fig.add_trace(
+            go.Scatter(
+                x=steps + steps[::-1],
+                y=list(q[0.75]) + list(q[0.25])[::-1],
+                fill="toself",
+                fillcolor=c,
+                opacity=0.2,
+                line={"width": 0},
+                name=f"{state}: middle half",
+                hoverinfo="skip",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=list(q[0.5]),
+                mode="lines+markers",
+                line={"color": c, "width": 2},
+                name=f"{state}: median of {grp['number'].nunique()} trials",
+            )
+        )
+    if ctx.chance is not None:
+        _chance_trace(fig, float(df["step"].min()), float(df["step"].max()), ctx.chance)
+    fig.update_layout(
+        title={"text": f"Learning curves: {ctx.metric} after each epoch, by outcome"},
+        xaxis_title="epoch",
+        yaxis_title=ctx.metric,
+        legend={"orientation": "h", "y": -0.22},
+    )
+    return fig
+
+
+def _grokking_trials(ctx: _Study) -> list[Any]:
+    with_curve = [
+        t for t in ctx.trials if isinstance(t.user_attrs.get("curve"), dict) and t.user_attrs["curve"].get("step")
+    ]
+    with_curve.sort(key=lambda t: (t.params.get("weight_decay", 0), t.params.get("lr", 0), t.number))
+    if len(with_curve) > 12:  # evenly across the weight decays
+        step = (len(with_curve) - 1) / 11
+        with_curve = [with_curve[round(i * step)] for i in range(12)]
+    return with_curve
+
+
+def _grokking_curves(ctx: _Study) -> go.Figure | None:
+    """Training and validation accuracy over steps, one panel per trial, sorted by weight decay."""
+    from plotly.subplots import make_subplots
+
+    trials = _grokking_trials(ctx)
+    if not trials:
+        return None
+    cols = min(4, len(trials))
+    rows = math.ceil(len(trials) / cols)
+    titles = []
+    for t in trials:
+        g = t.user_attrs.get("steps_to_generalise") if t.user_attrs.get("generalised") else None
+        wd = t.params.get("weight_decay")
+        head = f"wd {_sig(wd)}" if wd is not None else f"trial #{t.number}"
+        titles.append(f"{head}: " + (f"generalised at {g}" if g is not None else "did not generalise"))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_yaxes=True, vertical_spacing=0.12)
+    for i, t in enumerate(trials):
+        r, c = i // cols + 1, i % cols + 1
+        curve = t.user_attrs["curve"]
+        first = i == 0
+        first_gen = t is next((u for u in trials if u.user_attrs.get("generalised")), None)
+        fig.add_trace(
+            go.Scatter(
+                x=curve["step"],
+                y=curve["train_accuracy"],
+                mode="lines",
+                name="training accuracy",
+                line={"color": ORANGE, "dash": "dash"},
+                showlegend=first,
+                legendgroup="train",
+            ),
+            row=r,
+            col=c,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=curve["step"],
+                y=curve["val_accuracy"],
+                mode="lines",
+                name="validation accuracy",
+                line={"color": BLUE},
+                showlegend=first,
+                legendgroup="val",
+            ),
+            row=r,
+            col=c,
+        )
+        if t.user_attrs.get("generalised"):
+            g = t.user_attrs.get("steps_to_generalise")
+            fig.add_trace(
+                go.Scatter(
+                    x=[g, g],
+                    y=[0, 1],
+                    mode="lines",
+                    name="step it generalised",
+                    line={"color": "#2a7a2a", "dash": "dot"},
+                    showlegend=first_gen,
+                    legendgroup="gen",
+                ),
+                row=r,
+                col=c,
+            )
+    fig.update_yaxes(range=[0, 1.05])
+    fig.update_xaxes(range=[0, max(max(t.user_attrs["curve"]["step"]) for t in trials)])  # side by side: same steps
+    fig.update_layout(
+        title={"text": "Grokking: training and validation accuracy over steps, one panel per trial, by weight decay"},
+        height=260 * rows + 120,
+        legend={"orientation": "h", "y": -0.08},
+    )
+    for ann in fig.layout.annotations:
+        ann.font.size = 11
+    return fig
+
+
+def _grokking_steps(ctx: _Study, name: str) -> go.Figure | None:
+    """When each trial memorised (training accuracy 0.99) and generalised, against ``name``: the delay between."""
+    trials = [t for t in ctx.trials if name in t.params and t.user_attrs.get("memorised_step") is not None]
+    if len(trials) < 2:
+        return None
+    fig = go.Figure()
+    x = [t.params[name] for t in trials]
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[t.user_attrs["memorised_step"] for t in trials],
+            mode="markers",
+            name="memorised (training accuracy 0.99)",
+            marker={"color": ORANGE, "size": 8},
+        )
+    )
+    gen = [t for t in trials if t.user_attrs.get("generalised")]
+    fig.add_trace(
+        go.Scatter(
+            x=[t.params[name] for t in gen],
+            y=[t.user_attrs["steps_to_generalise"] for t in gen],
+            mode="markers",
+            name="generalised (validation accuracy threshold)",
+            marker={"color": BLUE, "size": 9},
+        )
+    )
+    never = [t for t in trials if not t.user_attrs.get("generalised")]
+    if never:
+        top = max(t.user_attrs.get("steps_reached") or 0 for t in never)
+        fig.add_trace(
+            go.Scatter(
+                x=[t.params[name] for t in never],
+                y=[top] * len(never),
+                mode="markers",
+                name=f"not generalised by step {top}",
+                marker={"color": RED, "symbol": "x-open", "size": 9},
+            )
+        )
+    fig.update_layout(
+        title={"text": f"Memorised, then generalised: the delay against {_label(name)}"},
+        xaxis_title=_label(name),
+        yaxis_title="step",
+        legend={"orientation": "h", "y": -0.22},
+    )
+    if _is_log(ctx.dists.get(name)):
+        fig.update_xaxes(type="log")
+    _ticks_at(fig, sorted({float(v) for v in x}))
+    return fig
+
+
+def _importances(imps: dict[str, float]) -> go.Figure:
+    fig = go.Figure(
+        go.Bar(
+            x=list(imps.values())[::-1],
+            y=[_label(k) for k in imps][::-1],
+            orientation="h",
+            marker={"color": BLUE},
+            text=[_sig(v) for v in list(imps.values())[::-1]],
+            textposition="auto",
+        )
+    )
+    fig.update_layout(
+        title={"text": "Which hyperparameters matter most (fANOVA importance, seed 0)"},
+        xaxis_title="share of the result's variance explained",
+        showlegend=False,
+    )
+    return fig
+
+
+def _figures(ctx: _Study) -> dict[str, go.Figure]:
+    figs: dict[str, go.Figure] = {}
+    if not ctx.complete and not ctx.grokking:
+        return figs
+    imps = query.importances("", ctx.study) if ctx.complete else {}
+    order = [k for k in imps if k in ctx.dists] + sorted(k for k in ctx.dists if k not in imps)
+    for name in order:
+        dist = ctx.dists[name]
+        if name == "optimizer":
             continue
-        dist = dists.get(name)
-        if isinstance(dist, FloatDistribution | IntDistribution):
-            lo, hi = head[col].min(), head[col].max()
-            lines.append(f"Best region for {name}: {_fmt(lo)} to {_fmt(hi)} (the best {len(head)} trials).")
+        values = {t.params[name] for t in ctx.complete if name in t.params}
+        if len(values) < 2:
+            continue
+        if isinstance(dist, CategoricalDistribution):
+            figs[f"effect-{_SAFE.sub('_', name)}"] = _categorical(ctx, name)
         else:
-            counts = head[col].astype(str).value_counts()
-            lines.append(f"Among the best {len(head)} trials, {name} is most often {counts.index[0]}.")
-    b = best.iloc[0]
-    params = ", ".join(f"{c[7:]}={_fmt(b[c])}" for c in best.columns if c.startswith("params_") and pd.notna(b[c]))
-    lines.append(f"Best {metric} {_fmt(float(b['value']))} at trial #{int(b['number'])} ({params}).")
-    for v in verdicts:
-        lines.append(f"Prediction '{v.param} {v.claim}': {v.verdict} ({v.n_trials} trials).")
-    return lines
+            figs[f"effect-{_SAFE.sub('_', name)}"] = _effect(ctx, name, dist)
+    inter = _interaction(ctx, "lr", "batch_size") if "lr" in ctx.dists and "batch_size" in ctx.dists else None
+    if inter is not None:
+        figs["interaction"] = inter
+    if "optimizer" in ctx.dists:
+        figs["optimizer"] = _categorical(ctx, "optimizer")
+    if ctx.grokking:
+        curves = _grokking_curves(ctx)
+        if curves is not None:
+            figs["grokking-curves"] = curves
+        name = "weight_decay" if "weight_decay" in ctx.dists else next(iter(order), None)
+        steps = _grokking_steps(ctx, name) if name else None
+        if steps is not None:
+            figs["grokking-steps"] = steps
+    else:
+        curves = _curves(ctx)
+        if curves is not None:
+            figs["curves"] = curves
+    if len(imps) > 1:  # one hyperparameter explains everything by definition
+        figs["importances"] = _importances(imps)
+    if ctx.complete and getattr(ctx.spec, "design", None) is None:
+        figs["history"] = optuna.visualization.plot_optimization_history(ctx.study, target_name=ctx.metric)
+    for fig in figs.values():
+        fig.update_layout(template="plotly_white", margin={"l": 60, "r": 30, "t": 80, "b": 60})
+        if fig.layout.height is None:
+            fig.update_layout(height=460)
+    return figs
+
+
+def figures(study: optuna.Study, spec: StudySpec | None = None) -> dict[str, go.Figure]:
+    """The report's figures as plotly objects, by key (the HTML report shows each as ``plot-<key>``).
+
+    Keys: ``effect-<param>`` per hyperparameter that varies, ``interaction`` (lr x batch size), ``optimizer``,
+    ``grokking-curves`` and ``grokking-steps`` (grokking studies), ``curves`` (learning curves summarised),
+    ``importances``, ``history`` (searches, not designed experiments). A study without complete trials gives {}.
+
+    Example:
+        >>> import optuna, hpo.report
+        >>> study = optuna.load_study(study_name="lesson", storage="sqlite:///hpo.db")  # doctest: +SKIP
+        >>> hpo.report.figures(study)["effect-lr"].show()  # doctest: +SKIP
+    """
+    return _figures(_Study(study, spec))
 
 
 # --------------------------------------------------------------------------- the page
 
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-h1{margin-bottom:.2em} .meta{color:#666} table{border-collapse:collapse;margin:1em 0;font-size:.9em}
-td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left} .supported{color:#2a7a2a;font-weight:bold}
-.refuted{color:#b22;font-weight:bold} .unknown{color:#886;font-weight:bold} .plot{margin:1.5em 0}
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222;line-height:1.45}
+h1{margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ddd} .meta{color:#666}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em} td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums} .supported{color:#2a7a2a;font-weight:bold}
+.refuted{color:#b22;font-weight:bold} .unknown{color:#886;font-weight:bold} .plot{margin:1em 0 2em}
 .summary{background:#f4f7fb;padding:.8em 1.2em;border-radius:6px} .empty{background:#fff4e5;padding:1em}
+.verdict{background:#fafafa;border-left:4px solid #ccc;padding:.5em 1em;margin:.6em 0} .verdict.v-supported{border-color:#2a7a2a}
+.verdict.v-refuted{border-color:#b22} .verdict.v-unknown{border-color:#cc9} dt{font-weight:bold} dd{margin:0 0 .6em 1.5em}
 """
 
+_GLOSSARY = [
+    (
+        "baseline",
+        "the lesson's settings (for the spirals: SGD, batch size 16, learning rate 0.01, 10 epochs); a sweep "
+        "changes one hyperparameter away from it and keeps the others there.",
+    ),
+    (
+        "seed",
+        "the random start of one training run (initial weights, order of the mini-batches). Several seeds per "
+        "point show how much of a difference is noise: the error bars are one standard deviation over seeds.",
+    ),
+    ("chance", "the accuracy of guessing: 0.5 for two balanced classes. A model at the chance line learned nothing."),
+    (
+        "supported / refuted",
+        "the data agree / disagree with the prediction beyond the noise (95% bootstrap "
+        "intervals over seeds); 'not enough evidence' means run more seeds or trials.",
+    ),
+    (
+        "rank correlation (rho)",
+        "Spearman's rho: +1 when the result always rises with the hyperparameter, -1 when it "
+        "always falls, near 0 when it does neither (or rises then falls).",
+    ),
+    (
+        "importance",
+        "how much of the spread of results one hyperparameter explains (fANOVA, seeded; the same numbers "
+        "as `hpo importance`). It says how much a hyperparameter matters, not in which direction.",
+    ),
+    (
+        "pruned",
+        "a trial stopped early because it looked worse than the others at the same epoch; pruned trials have "
+        "no final result and are not counted in the means.",
+    ),
+    (
+        "censored",
+        "a grokking trial that never reached the accuracy threshold: its 'steps to generalise' is only a "
+        "lower bound, so it is drawn apart (x), not averaged.",
+    ),
+    (
+        "grokking",
+        "validation accuracy jumping long after training accuracy reached 100%: the network first "
+        "memorises, then generalises.",
+    ),
+]
 
-def _verdict_table(verdicts: list[Verdict]) -> str:
-    if not verdicts:
-        return "<p>No predictions in the study file.</p>"
-    rows = []
-    for v in verdicts:
-        cls = {"supported": "supported", "refuted": "refuted"}.get(v.verdict, "unknown")
-        note = f"<br><small>{html.escape(v.note)}</small>" if v.note else ""
-        rows.append(
-            f"<tr><td>{html.escape(v.param)}</td><td>{html.escape(v.claim)}{note}</td>"
-            f"<td class='{cls}'>{html.escape(v.verdict)}</td><td>{v.n_trials}</td><td>{html.escape(v.reason)}</td></tr>"
-        )
+
+def _verdict_html(v: Verdict) -> str:
+    cls = {"supported": "supported", "refuted": "refuted"}.get(v.verdict, "unknown")
+    said = f"“{html.escape(v.note)}”" if v.note else html.escape(v.claim.replace("_", " "))
+    direction = f" ({html.escape(v.better)} is better)" if v.better else ""
+    nxt = f"<br><small>To settle it: {html.escape(v.next_step)}.</small>" if v.next_step else ""
     return (
-        "<table><tr><th>parameter</th><th>claim</th><th>verdict</th><th>trials</th><th>evidence</th></tr>"
-        + "".join(rows)
-        + f"</table><p class='meta'>Verdicts need at least {MIN_TRIALS} complete trials; intervals are 95% bootstrap"
-        " intervals (see hpo.hypotheses).</p>"
+        f"<p class='verdict v-{cls}'>Prediction on <b>{html.escape(_label(v.param))}</b>: {said}"
+        f" <small>[{html.escape(v.claim)}{direction}]</small> <span class='{cls}'>{html.escape(v.verdict)}</span>"
+        f" ({v.n_trials} trials): <span class='sentence'>{html.escape(v.reason)}</span>"
+        f" <a href='#{html.escape(v.plot or '')}'>See the plot.</a>{nxt}</p>"
     )
+
+
+def _summary(ctx: _Study, imps_top: str | None, verdicts: list[Verdict]) -> list[str]:
+    best = sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[0]  # type: ignore[arg-type,return-value]
+    params = ", ".join(f"{_label(k)} {_sig(v)}" for k, v in sorted(best.params.items()))
+    chance = f" (chance is {_sig(ctx.chance)})" if ctx.chance is not None else ""
+    lines = [f"Best {ctx.metric}: {_sig(best.value)}{chance}, trial #{best.number} with {params}."]
+    if verdicts:
+        counts = pd.Series([v.verdict for v in verdicts]).value_counts()
+        lines.append(
+            "Predictions: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + "; each is explained next to its plot."
+        )
+    if imps_top:
+        lines.append(imps_top)
+    return lines
+
+
+def _best_table(ctx: _Study) -> str:
+    top = sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[:10]  # type: ignore[arg-type,return-value]
+    names = sorted({k for t in top for k in t.params})
+    head = ["trial", ctx.metric, *[_label(k) for k in names], "seed", "duration (s)"]
+    rows = []
+    for t in top:
+        cells = [str(t.number), _sig(t.value), *[_sig(t.params.get(k)) for k in names], _sig(t.user_attrs.get("seed"))]
+        cells.append(_sig(t.duration.total_seconds()) if t.duration is not None else "")
+        rows.append("<tr>" + "".join(f"<td class='num'>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return (
+        "<table id='best-trials'><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def _plot(figs: dict[str, go.Figure], key: str) -> str:
+    fig = figs.get(key)
+    if fig is None:
+        return ""
+    body = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{key}", config={"displaylogo": False})
+    return f"<div class='plot'>{body}</div>"
 
 
 def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     """The report on a loaded study, as one HTML string (plotly.js inlined)."""
-    trials = study.get_trials(deepcopy=False)
-    df = query._frame(trials)
-    metric = str(study.user_attrs.get("metric") or (spec.metric if spec else "value"))
-    counts = df["state"].value_counts().to_dict() if not df.empty else {}
+    ctx = _Study(study, spec)
+    trials = ctx.trials
+    counts = pd.Series([t.state.name for t in trials]).value_counts().to_dict() if trials else {}
     count_txt = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     title = html.escape(study.study_name)
+    desc = getattr(ctx.spec, "description", None)
     head = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hpo report: {title}</title>"
         f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
-        f"<h1>Study {title}</h1><p class='meta'>direction {study.direction.name.lower()}, metric {html.escape(metric)};"
+        f"<h1>Study {title}</h1>"
+        + (f"<p>{html.escape(desc)}</p>" if desc else "")
+        + f"<p class='meta'>direction {study.direction.name.lower()}, metric {html.escape(ctx.metric)};"
         f" {len(trials)} trials: {html.escape(count_txt)}. Generated {now}.</p>"
     )
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    preds = _predictions(study, spec)
-    if not complete:
+    if not ctx.complete:
         why = "No trial has finished yet" if not trials else "No trial completed"
         errors = sorted({str(t.user_attrs.get("error")) for t in trials if t.user_attrs.get("error")})[:5]
         err_html = "".join(f"<li>{html.escape(e)}</li>" for e in errors)
@@ -263,44 +785,69 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         )
         return head + body + "</body></html>"
 
-    dists = _distributions(complete)
-    verdicts = check(study, preds)
+    verdicts = check(study, _predictions(study, ctx.spec))
+    figs = _figures(ctx)
     imps = query.importances("", study)
-    sections: list[str] = []
-    summary = _summary(study, df, imps, dists, metric, verdicts)
-    sections.append("<div class='summary'><h2>Summary</h2>" + "".join(f"<p>{html.escape(s)}</p>" for s in summary))
-    sections.append("</div><h2>Predictions</h2>" + _verdict_table(verdicts))
-
-    plots: list[tuple[str, go.Figure]] = []
-    plots.append(("history", optuna.visualization.plot_optimization_history(study, target_name=metric)))
-    if imps:
-        fig = go.Figure(go.Bar(x=list(imps.values())[::-1], y=list(imps)[::-1], orientation="h"))
-        fig.update_layout(title="Parameter importances (fANOVA)", xaxis_title="importance")
-        plots.append(("importances", fig))
-    cdf = df[df["state"] == "COMPLETE"]
-    for name, dist in sorted(dists.items()):
-        if cdf[f"params_{name}"].nunique(dropna=True) > 1:
-            plots.append((f"slice-{_SAFE.sub('_', name)}", _slice(cdf, name, dist, metric)))
-    both = [t for t in complete if "lr" in t.params and "batch_size" in t.params]
-    if len(both) >= 2 and len({t.params["lr"] for t in both}) > 1 and len({t.params["batch_size"] for t in both}) > 1:
-        plots.append(("contour-lr-batch_size", optuna.visualization.plot_contour(study, params=["lr", "batch_size"])))
-    if "params_optimizer" in cdf and cdf["params_optimizer"].notna().any():
-        fig = go.Figure()
-        for opt, grp in cdf.dropna(subset=["params_optimizer"]).groupby("params_optimizer"):
-            fig.add_trace(go.Violin(y=grp["value"], name=str(opt), box_visible=True, points="all"))
-        fig.update_layout(title=f"{metric} per optimizer", yaxis_title=metric, showlegend=False)
-        plots.append(("optimizer", fig))
-    curves = query.curves("", study)
-    if not curves.empty:
-        plots.append(("curves", _curves(curves)))
-    sections.append("<h2>Plots</h2>")
-    sections += [f"<div class='plot'>{_fig_html(fig, f'plot-{key}')}</div>" for key, fig in plots]
-    top = query._frame(
-        sorted(complete, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:10]  # type: ignore[arg-type]
+    imps_top = None
+    if len(imps) > 1:
+        ranked = list(imps.items())
+        imps_top = (
+            f"{_label(ranked[0][0])} matters most (importance {_sig(ranked[0][1])})"
+            + ("; then " + ", ".join(f"{_label(k)} ({_sig(v)})" for k, v in ranked[1:4]) if len(ranked) > 1 else "")
+            + "."
+        )
+    out: list[str] = [head]
+    out.append(
+        "<div class='summary'><h2>Summary</h2>"
+        + "".join(f"<p>{html.escape(s)}</p>" for s in _summary(ctx, imps_top, verdicts))
     )
-    top = top.drop(columns=[c for c in ("datetime_start", "datetime_complete", "state") if c in top])
-    sections.append("<h2>Best trials</h2>" + top.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
-    return head + "".join(sections) + "</body></html>"
+    if verdicts:
+        out.append("".join(_verdict_html(v) for v in verdicts))
+    out.append("</div>")
+    by_param: dict[str, list[Verdict]] = {}
+    for v in verdicts:
+        by_param.setdefault(v.param, []).append(v)
+    effects = [k for k in figs if k.startswith("effect-")]
+    if effects:
+        out.append("<h2 id='hyperparameters'>What does each hyperparameter do?</h2>")
+    for key in effects:
+        name = next((n for n in ctx.dists if f"effect-{_SAFE.sub('_', n)}" == key), key[7:])
+        out.append(f"<h3>{html.escape(_label(name))}</h3>")
+        out += [_verdict_html(v) for v in by_param.get(name, [])]
+        out.append(_plot(figs, key))
+    if "interaction" in figs:
+        out.append(
+            "<h2 id='interactions'>Interactions: learning rate and batch size together</h2>"
+            "<p>Does the best learning rate depend on the batch size? Each dot is one trial.</p>"
+        )
+        out.append(_plot(figs, "interaction"))
+    if "optimizer" in figs:
+        out.append("<h2 id='optimizers'>Optimizers</h2>")
+        out += [_verdict_html(v) for v in by_param.get("optimizer", [])]
+        out.append(_plot(figs, "optimizer"))
+    if "grokking-curves" in figs or "grokking-steps" in figs:
+        out.append(
+            "<h2 id='grokking'>Grokking: memorising first, generalising later</h2><p>Training accuracy "
+            "(dashed) reaches 100% early; validation accuracy (solid) jumps much later, if at all. The dotted "
+            "line marks the step it generalised. Panels are sorted by weight decay.</p>"
+        )
+        out.append(_plot(figs, "grokking-curves") + _plot(figs, "grokking-steps"))
+    if "curves" in figs:
+        out.append("<h2 id='curves'>Learning curves</h2>")
+        out.append(_plot(figs, "curves"))
+    if "importances" in figs:
+        out.append("<h2 id='importance'>Which hyperparameters matter most?</h2>")
+        out.append(_plot(figs, "importances"))
+    if "history" in figs:
+        out.append("<h2 id='search'>The search</h2>" + _plot(figs, "history"))
+    out.append("<h2 id='best'>Best trials</h2>" + _best_table(ctx))
+    out.append(
+        "<h2 id='glossary'>Glossary</h2><dl>"
+        + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _GLOSSARY)
+        + "</dl>"
+    )
+    out.append("</body></html>")
+    return "".join(out)
 
 
 def write_report(
@@ -328,4 +875,4 @@ def write_report(
     return path
 
 
-__all__ = ["build_report", "check_study", "output_path", "safe_filename", "write_report"]
+__all__ = ["build_report", "check_study", "figures", "output_path", "safe_filename", "write_report"]

@@ -390,7 +390,40 @@ class Prediction(_Strict):
     claim: Literal[
         "increasing", "decreasing", "diminishing_returns", "interior_optimum", "optimum_near_edge", "no_effect"
     ]
+    #: which end of the range the claim says is better: ``lower`` (``diminishing_returns``: lowering the parameter
+    #: keeps improving the result; ``optimum_near_edge``: the optimum lies near the low edge) or ``higher``.
+    better: Literal["lower", "higher"] | None = None
     note: str | None = None
+
+
+class SampleSpec(_Strict):
+    """A space-filling (scrambled Sobol) sample of ``n`` points over ranges of the space; other entries at baseline."""
+
+    n: int = Field(ge=1)
+    params: list[str] = Field(min_length=1)
+    seed: int = 0
+
+
+class DesignSpec(_Strict):
+    """A designed experiment (:mod:`hpo.design`), enqueued once when the study is created: one-factor-at-a-time
+    ``sweeps`` around the ``baseline``, every point run ``seeds`` times (each trial has its own seed), plus an
+    optional space-filling ``sample`` for interactions."""
+
+    baseline: dict[str, Scalar | list[Scalar]]
+    sweeps: dict[str, list[Scalar | list[Scalar]]] = Field(default_factory=dict)
+    seeds: int = Field(3, ge=1)
+    sample: SampleSpec | None = None
+
+    def n_points(self) -> int:
+        """Distinct sweep points (the baseline counted once)."""
+        points = {repr(sorted(self.baseline.items()))}
+        for name, values in self.sweeps.items():
+            points |= {repr(sorted({**self.baseline, name: v}.items())) for v in values}
+        return len(points)
+
+    def n_trials(self) -> int:
+        """Trials the design enqueues: every sweep point ``seeds`` times, plus the sample."""
+        return self.n_points() * self.seeds + (self.sample.n if self.sample else 0)
 
 
 class PopulationSpec(_Strict):
@@ -476,6 +509,7 @@ class StudySpec(_Strict):
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     predictions: list[Prediction] = Field(default_factory=list)
     population: PopulationSpec | None = None
+    design: DesignSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -535,6 +569,8 @@ class StudySpec(_Strict):
         for pred in self.predictions:
             if pred.param not in self.space:
                 raise ValueError(f"predictions: parameter {pred.param!r} is not in the space")
+        if self.design is not None:
+            _check_design(self)
         return self
 
 
@@ -548,6 +584,26 @@ def stored_form(spec: StudySpec) -> dict[str, Any]:
     if data.get("storage"):
         data["storage"] = mask(data["storage"])
     return data
+
+
+def _check_design(spec: StudySpec) -> None:
+    design = spec.design
+    assert design is not None
+    for part, names in (("baseline", design.baseline), ("sweeps", design.sweeps)):
+        for name in names:
+            if name not in spec.space:
+                raise ValueError(f"design.{part}: parameter {name!r} is not in the space")
+    missing = [n for n, p in spec.space.items() if isinstance(p, IntParam | FloatParam | ChoiceParam)]
+    missing = [n for n in missing if n not in design.baseline and getattr(spec.space[n], "when", None) is None]
+    if missing:
+        raise ValueError(f"design.baseline: give a value for {', '.join(missing)}")
+    if design.sample is not None:
+        for name in design.sample.params:
+            if not isinstance(spec.space.get(name), IntParam | FloatParam):
+                raise ValueError(f"design.sample.params: {name!r} is not a range (int or float) of the space")
+    n = design.n_trials()
+    if spec.budget.n_trials is not None and spec.budget.n_trials < n:
+        raise ValueError(f"budget.n_trials: the design enqueues {n} trials (got {spec.budget.n_trials})")
 
 
 def _format_error(err: dict[str, Any]) -> str:

@@ -143,4 +143,100 @@ def test_report_renders_every_plot(browser, sqlite_url: str, tmp_path: Path) -> 
     assert missing == [], f"plots not rendered: {missing}"
     errors = _severe(browser)
     assert errors == [], errors
-    assert "lr matters most" in browser.find_element("tag name", "body").text
+    assert "learning rate matters most" in browser.find_element("tag name", "body").text
+
+
+#: JavaScript: for each plot on the page, its id, trace names and how many points each trace draws
+_PLOTS_JS = """
+return Array.from(document.querySelectorAll('.plotly-graph-div')).map(d => ({
+  id: d.id, drawn: d.querySelector('svg.main-svg') !== null,
+  traces: (d.data || []).map(t => ({name: t.name || '', n: (t.x || t.y || []).length}))}));
+"""
+
+
+def _open_report(browser, path: Path, shot: str) -> list[dict]:  # noqa: ANN001
+    """Load a report, wait until every plot is drawn, screenshot the whole page; the plots as _PLOTS_JS sees them."""
+    browser.get("about:blank")
+    browser.get_log("browser")
+    browser.get(path.as_uri())
+    ids = re.findall(r'id="(plot-[^"]+)"', path.read_text())
+    deadline = time.monotonic() + 90
+    plots: list[dict] = []
+    while time.monotonic() < deadline:
+        plots = browser.execute_script(_PLOTS_JS)
+        if len(plots) == len(ids) and all(p["drawn"] for p in plots):
+            break
+        time.sleep(0.5)
+    height = browser.execute_script("return document.body.scrollHeight")
+    browser.set_window_size(1300, min(height + 100, 16000))
+    time.sleep(1)
+    browser.save_screenshot(str(ARTIFACTS / shot))
+    browser.set_window_size(1400, 1000)
+    assert sorted(p["id"] for p in plots) == sorted(ids)
+    assert all(p["drawn"] for p in plots), [p["id"] for p in plots if not p["drawn"]]
+    empty = [p["id"] for p in plots if not any(t["n"] > 0 for t in p["traces"])]
+    assert empty == [], f"plots drawn without data: {empty}"
+    errors = _severe(browser)
+    assert errors == [], errors
+    return plots
+
+
+def test_lesson_and_grokking_reports_read_in_chromium(browser, tmp_path: Path) -> None:  # noqa: ANN001
+    """The lesson's report and a grokking report, as a learner opens them: every plot drawn with data, the chance
+    line, the verdict sentences next to the plots, and training / validation accuracy over steps."""
+    import yaml
+
+    from .conftest import STUDIES
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    res = hpo_cli("run", str(STUDIES / "lesson.yaml"), "--storage", url, timeout=900)
+    assert res.returncode == 0, res.stderr
+    res = hpo_cli("report", str(STUDIES / "lesson.yaml"), "--storage", url, "-o", str(tmp_path / "lesson.html"))
+    assert res.returncode == 0, res.stderr
+    plots = {p["id"]: p for p in _open_report(browser, tmp_path / "lesson.html", "report-lesson.png")}
+    for param in ("batch_size", "lr", "epochs"):
+        names = [t["name"] for t in plots[f"plot-effect-{param}"]["traces"]]
+        assert "chance (0.5)" in names and "mean ± sd over seeds" in names, names
+    assert {"plot-interaction", "plot-optimizer", "plot-curves", "plot-importances"} <= set(plots)
+    sentences = browser.find_elements("css selector", ".verdict .sentence")
+    texts = [e.text for e in sentences]
+    assert len(texts) == 6  # three predictions, in the summary and next to their plots
+    assert all(re.search(r"val_accuracy .*\d\.\d+", t) for t in texts), texts
+    for param in ("batch_size", "lr", "epochs"):  # each section's verdict sits right above its plot
+        link = browser.find_element("css selector", f"h3 + .verdict a[href='#plot-effect-{param}']")
+        assert link.is_displayed()
+    verdicts = [e.text for e in browser.find_elements("css selector", ".verdict .supported, .verdict .refuted")]
+    assert len(verdicts) == 6 and not browser.find_elements("css selector", ".verdict .unknown")
+    assert "Glossary" in browser.find_element("tag name", "body").text
+
+    doc = {
+        "name": "grok-browser",
+        "direction": "minimize",
+        "metric": "steps_to_generalise",
+        "objective": {
+            "kind": "grokking",
+            "data": {"source": "modular", "p": 47, "op": "+", "train_fraction": 0.7, "seed": 0},
+            "model": {"kind": "mlp", "layers": [128, 128]},
+            "steps": 250,
+            "eval_every": 25,
+            "lr": 0.01,
+            "threads": 1,
+        },
+        "space": {"weight_decay": {"type": "float", "low": 0.1, "high": 10, "log": True}},
+        "design": {"baseline": {"weight_decay": 3.0}, "sweeps": {"weight_decay": [0.3, 3.0]}, "seeds": 2},
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "budget": {"n_trials": 4},
+    }
+    (tmp_path / "grok.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    res = hpo_cli("run", str(tmp_path / "grok.yaml"), "--storage", url, timeout=900)
+    assert res.returncode == 0, res.stderr
+    res = hpo_cli("report", "grok-browser", "--storage", url, "-o", str(tmp_path / "grok.html"))
+    assert res.returncode == 0, res.stderr
+    plots = {p["id"]: p for p in _open_report(browser, tmp_path / "grok.html", "report-grokking.png")}
+    curves = plots["plot-grokking-curves"]["traces"]
+    train = [t for t in curves if t["name"] == "training accuracy"]
+    val = [t for t in curves if t["name"] == "validation accuracy"]
+    assert len(train) == len(val) == 4 and all(t["n"] >= 2 for t in train + val)
+    assert any(t["name"] == "step it generalised" for t in curves)  # weight decay 3 groks within 250 steps
+    assert "plot-curves" not in plots  # the censored running metric is not drawn as a learning curve

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
+
 import pytest
 
 from hpo.hypotheses import MIN_TRIALS, REFUTED, SUPPORTED, UNKNOWN, check
@@ -55,6 +59,155 @@ def test_pure_noise() -> None:
     assert v["no_effect"] == SUPPORTED
     assert v["increasing"] == REFUTED and v["decreasing"] == REFUTED
     assert v["interior_optimum"] != SUPPORTED and v["diminishing_returns"] != SUPPORTED
+
+
+S, R = SUPPORTED, REFUTED
+#: claim (better) -> expected verdict, per known shape of the result over u = the lr range rescaled to [0, 1]
+SHAPES: dict[str, tuple[Callable[[float], float], dict[str, str]]] = {
+    # name: (result(u), {claim[:better]: verdict})
+    "increasing": (
+        lambda u: 1 - math.exp(-3 * u),
+        {
+            "increasing": S,
+            "decreasing": R,
+            "no_effect": R,
+            "diminishing_returns": S,
+            "diminishing_returns:lower": R,
+            "diminishing_returns:higher": S,
+            "interior_optimum": R,
+            "optimum_near_edge": S,
+            "optimum_near_edge:lower": R,
+            "optimum_near_edge:higher": S,
+        },
+    ),
+    "decreasing": (
+        lambda u: 1 - math.exp(-3 * (1 - u)),
+        {
+            "increasing": R,
+            "decreasing": S,
+            "no_effect": R,
+            "diminishing_returns": S,
+            "diminishing_returns:lower": S,
+            "diminishing_returns:higher": R,
+            "interior_optimum": R,
+            "optimum_near_edge": S,
+            "optimum_near_edge:lower": S,
+            "optimum_near_edge:higher": R,
+        },
+    ),
+    "increasing, returns growing": (
+        lambda u: math.exp(3 * u) / 20,
+        {
+            "increasing": S,
+            "decreasing": R,
+            "diminishing_returns": R,
+            "diminishing_returns:lower": R,
+            "diminishing_returns:higher": R,
+            "interior_optimum": R,
+            "optimum_near_edge:higher": S,
+        },
+    ),
+    "optimum at the low edge": (
+        lambda u: -((u - 0.05) ** 2),
+        {
+            "increasing": R,
+            "decreasing": S,
+            "no_effect": R,
+            "diminishing_returns:lower": S,
+            "diminishing_returns:higher": R,
+            "interior_optimum": R,
+            "optimum_near_edge": S,
+            "optimum_near_edge:lower": S,
+            "optimum_near_edge:higher": R,
+        },
+    ),
+    "optimum at the high edge": (
+        lambda u: -((u - 0.95) ** 2),
+        {
+            "increasing": S,
+            "decreasing": R,
+            "no_effect": R,
+            "diminishing_returns:lower": R,
+            "diminishing_returns:higher": S,
+            "interior_optimum": R,
+            "optimum_near_edge": S,
+            "optimum_near_edge:lower": R,
+            "optimum_near_edge:higher": S,
+        },
+    ),
+    "interior optimum": (
+        lambda u: -((u - 0.5) ** 2),
+        {
+            "increasing": R,
+            "decreasing": R,
+            "no_effect": R,
+            "diminishing_returns": R,
+            "diminishing_returns:lower": R,
+            "diminishing_returns:higher": R,
+            "interior_optimum": S,
+            "optimum_near_edge": R,
+            "optimum_near_edge:lower": R,
+            "optimum_near_edge:higher": R,
+        },
+    ),
+    "flat": (
+        lambda u: 0.0,
+        {
+            "increasing": R,
+            "decreasing": R,
+            "no_effect": S,
+            "diminishing_returns": R,
+            "diminishing_returns:lower": R,
+            "diminishing_returns:higher": R,
+            "interior_optimum": R,
+            "optimum_near_edge": R,
+            "optimum_near_edge:lower": R,
+            "optimum_near_edge:higher": R,
+        },
+    ),
+}
+
+
+def _prediction(key: str) -> Prediction:
+    claim, _, better = key.partition(":")
+    return Prediction(param="lr", claim=claim, better=better or None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_known_shapes_give_the_right_verdicts(shape: str, direction: str) -> None:
+    """Every claim, in both directions, on results of known shape (a minimised metric is the same shape negated)."""
+    f, expected = SHAPES[shape]
+    sign = 1 if direction == "maximize" else -1
+    study = synthetic(lambda lx, r: sign * (f((lx + 3) / 4) + r.gauss(0, 0.03)), n=240, seed=1, direction=direction)
+    got = {k: v for k, v in zip(expected, check(study, [_prediction(k) for k in expected]), strict=True)}
+    wrong = {k: (v.verdict, v.reason) for k, v in got.items() if v.verdict != expected[k]}
+    assert not wrong, wrong
+    for v in got.values():  # one plain sentence, numbers in the metric's units, the plot that shows it
+        assert v.reason.endswith(".") and "\n" not in v.reason and "rho" not in v.reason
+        assert v.plot == "plot-effect-lr" and v.next_step is None
+
+
+def test_verdict_sentence_gives_the_effect_in_metric_units() -> None:
+    # accuracy 0.5 at lr 0.001 rising linearly in log10(lr) to 0.9 at lr 10: "rises by 0.3x from lr 0.00x to ..."
+    study = synthetic(lambda lx, r: 0.5 + 0.1 * (lx + 3) + r.gauss(0, 0.01), n=120)
+    study.set_user_attr("metric", "val_accuracy")
+    v = check(study, [Prediction(param="lr", claim="increasing")])[0]
+    assert v.verdict == SUPPORTED
+    m = re.fullmatch(
+        r"val_accuracy rises by ([0-9.]+) from lr ([0-9.]+) \(([0-9.]+)\) to ([0-9.]+) \(([0-9.]+)\)\.", v.reason
+    )
+    assert m, v.reason
+    rise, x0, m0, x1, m1 = map(float, m.groups())
+    assert abs((m1 - m0) - rise) < 0.01 and abs(m0 - (0.5 + 0.1 * (math.log10(x0) + 3))) < 0.03
+    assert x0 < 0.005 and x1 > 4 and 0.25 < rise < 0.4  # group means of the lowest and highest sixth
+
+
+def test_short_evidence_says_what_to_run() -> None:
+    study = synthetic(lambda lx, r: 0.02 * lx + r.gauss(0, 0.3), n=20, seed=2)
+    v = check(study, [Prediction(param="lr", claim="increasing")])[0]
+    assert v.verdict == UNKNOWN
+    assert v.next_step and "design" in v.next_step and "hpo run" in v.next_step
 
 
 def test_too_few_trials_is_not_enough_evidence() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -19,15 +20,38 @@ def test_report_has_every_plot(sqlite_url: str, tmp_path: Path) -> None:
     path = write_report(sqlite_url, "rep", tmp_path / "r.html")
     page = path.read_text()
     ids = set(re.findall(r'id="(plot-[^"]+)"', page))
-    assert {"plot-history", "plot-importances", "plot-contour-lr-batch_size", "plot-optimizer", "plot-curves"} <= ids
-    assert {"plot-slice-lr", "plot-slice-batch_size", "plot-slice-epochs", "plot-slice-optimizer"} <= ids
-    assert "lr matters most" in page
-    assert "Best region for lr" in page
-    assert '"type":"log"' in page.replace(" ", "")  # lr's slice has a log axis
+    assert {"plot-history", "plot-importances", "plot-interaction", "plot-optimizer", "plot-curves"} <= ids
+    assert {"plot-effect-lr", "plot-effect-batch_size", "plot-effect-epochs"} <= ids
+    assert "learning rate matters most" in page
+    assert '"type":"log"' in page.replace(" ", "")  # lr's plot has a log axis
     from plotly.offline import get_plotlyjs
 
     assert get_plotlyjs() in page  # plotly.js inlined: works offline
-    assert "Best trials" in page
+    assert "Best trials" in page and "Glossary" in page
+    table = page[page.index("id='best-trials'") :].split("</table>")[0]
+    assert "params_" not in table and "None" not in table and "duration (s)" in table and "learning rate" in table
+    for cell in re.findall(r"<td class='num'>([^<]*)</td>", table):  # numbers to 3 significant figures
+        digits = cell.replace(".", "").replace("-", "").lstrip("0")
+        assert len(digits) <= 3 or "." not in cell, cell
+
+
+def test_figures_are_plotly_objects_with_data(sqlite_url: str) -> None:
+    from hpo.report import figures
+
+    study = mixed_study(sqlite_url, "figs", n=40)
+    figs = figures(study)
+    assert {"effect-lr", "effect-batch_size", "effect-epochs", "optimizer", "interaction", "curves"} <= set(figs)
+    for key, fig in figs.items():
+        assert any(len(getattr(t, "x", None) or getattr(t, "y", None) or []) for t in fig.data), key
+    effect = figs["effect-lr"]
+    assert effect.layout.xaxis.type == "log"
+    means = next(t for t in effect.data if t.name.startswith("mean"))
+    assert sum(int(n[2:]) for n in means.text) == 20  # n per group adds up to the 20 complete trials
+    optim = figs["optimizer"]
+    assert all("pruned" in t.x[0] for t in optim.data if t.type == "box" and len(t.x))
+    curves = figs["curves"]
+    outcomes = Counter(t.name.split(":")[0] for t in curves.data)  # a median and a band per outcome, not 40 lines
+    assert outcomes == {"complete": 2, "pruned": 2, "fail": 2}
 
 
 def test_empty_study_gives_honest_report(sqlite_url: str, tmp_path: Path) -> None:

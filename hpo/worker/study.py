@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from typing import Any
 
 import optuna
 
 import hpo
 from hpo import space as search_space
+from hpo.design import design_trials
 from hpo.errors import HpoError, StudyError
 from hpo.objectives import Context, resolve, resolve_device, trial_seed
 from hpo.pruners import make_pruner
@@ -86,6 +88,12 @@ def _store_spec(spec: StudySpec, study: optuna.Study) -> None:
         study.set_user_attr("hpo_version", hpo.__version__)
         for params in spec.enqueue:
             study.enqueue_trial(search_space.encode_params(params), user_attrs={"enqueued": True}, skip_if_exists=True)
+        with warnings.catch_warnings():  # metric names are experimental in Optuna; optuna-dashboard shows them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
+        if spec.design is not None:  # a designed experiment (hpo.design): repeats are wanted, so no skip_if_exists
+            for params, attrs in design_trials(spec.design, spec.space):
+                study.enqueue_trial(search_space.encode_params(params), user_attrs=attrs)
     else:
         mask_stored_spec(study)
         check_agrees(spec, parse_spec(stored, f"stored study {spec.name!r}"), study)
