@@ -266,6 +266,17 @@ def test_worker_whose_live_trial_is_reaped_carries_on(
         assert returned(tmp_path)[0] == copy.value
 
 
+def test_grace_is_stored_with_the_study_and_checked(sqlite_url: str, study_name: str, tmp_path: Path) -> None:
+    study = steady_study(tmp_path, study_name, n_trials=1, seconds=0.1)
+    assert hpo_cli("create", str(study), "--storage", sqlite_url, "--grace", "7", env=ENV).returncode == 0
+    stored = optuna.load_study(study_name=study_name, storage=sqlite_url).user_attrs
+    assert stored["hpo:grace"] == 7.0
+    bad = hpo_cli("grace", study_name, "0", "--storage", sqlite_url, env=ENV)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: grace period"), bad.stderr
+    assert hpo_cli("grace", study_name, "12.5", "--storage", sqlite_url, env=ENV).returncode == 0
+    assert optuna.load_study(study_name=study_name, storage=sqlite_url).user_attrs["hpo:grace"] == 12.5
+
+
 # --------------------------------------------------------------------------- the budget lock
 
 

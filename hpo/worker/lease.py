@@ -5,13 +5,18 @@ re-queued. A worker counts and takes its next slots while holding the study's bu
 (:func:`hpo.storage.budget_lock`), so two workers can never both take the last slot. A trial re-queued after a
 crash or a stop gives its slot to its copy.
 
-Crashes. With heartbeats on (the default), a running trial records a heartbeat every ``heartbeat_interval`` seconds;
-one silent for ``grace_period`` seconds is failed by the next worker that asks, and Optuna's retry callback
-re-queues its parameters (keeping its intermediate values) up to ``max_retry`` times. A worker that finds the budget
-taken while trials are still running waits for them, reaping stale ones, so no trial stays RUNNING.
+Crashes. With heartbeats on (the default), a running trial records a heartbeat every ``heartbeat_interval`` seconds
+(at most every half grace period); one silent for the study's grace period (:func:`study_grace`) is failed by the
+next worker that asks (:func:`reap`) and re-queued with its parameters up to ``max_retry`` times, in one conditional
+transaction (:func:`fail_and_requeue`): a trial is failed once and re-queued at most once per failure. A worker that
+finds the budget taken while trials are still running waits for them, reaping stale ones, so no trial stays RUNNING.
 
-Databases. Errors talking to the database are retried with backoff for ``db_retry_for`` seconds; a finished trial's
-result is retried until stored, so a database restart loses no result.
+Exactly once. :func:`tell` says whether it stored the outcome; a result whose trial was reaped meanwhile is stored on
+the re-queued copy if no worker took it yet (:func:`take_over`).
+
+Databases. Errors talking to the database are retried with backoff for ``db_retry_for`` seconds, a running trial's
+own calls included (:class:`RetryingStorage`); a finished trial's result is retried until stored, so a database
+restart loses no result.
 """
 
 from __future__ import annotations
