@@ -8,6 +8,7 @@ import optuna
 
 from hpo.errors import SpecError
 from hpo.spec import StudySpec
+from hpo.trial_cache import windowed
 
 _CLASSES: dict[str, str] = {
     "tpe": "TPESampler",
@@ -36,7 +37,7 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 
         kwargs.setdefault("search_space", grid(spec))
     try:
-        return cls(**kwargs)
+        return windowed(cls(**kwargs))  # TPE on a bounded window of the study: its cost per trial stays flat
     except TypeError as exc:
         raise SpecError(f"sampler.kwargs: {exc}") from None
     except ValueError as exc:

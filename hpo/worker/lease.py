@@ -39,12 +39,12 @@ import sqlalchemy
 from optuna.trial import TrialState
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
+from hpo import trial_cache
 from hpo.errors import HpoError
 from hpo.objectives import Interrupted
 from hpo.storage import (
     budget_counts,
     budget_lock,
-    create_running_trial,
     describe_error,
     mask,
     quiet_optuna,
@@ -200,7 +200,7 @@ def take_slots(
         reap(study)
         _last_reap[name] = time.monotonic() + opts.heartbeat_interval
     with budget_lock(storage, name, stop) as lock:
-        counted, running, waiting = budget_counts(storage, study._study_id, lock)
+        counted, running, waiting = trial_cache.budget_counts(study, storage, lock, budget)  # incremental
         n = max(0, want if budget is None else min(want, budget - counted))
         study._thread_local.cached_all_trials = None  # as Study.ask: sync with the storage once a trial
         ids: list[int] = []
@@ -216,7 +216,7 @@ def take_slots(
         created = []
         with contextlib.nullcontext(lock) if lock is not None else storage.engine.begin() as conn:
             while len(ids) + len(created) < n:
-                created.append(create_running_trial(study._study_id, conn))
+                created.append(trial_cache.create_running_trial(study, conn))
             ids += [trial_id for trial_id, _, _ in created]
             if ids and opts.heartbeat_interval is not None:
                 record_heartbeat(storage, ids, conn)
