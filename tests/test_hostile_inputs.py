@@ -678,3 +678,22 @@ def test_mask_and_scrub_every_form(url: str) -> None:
     message = f"FATAL: password {secret!r} for {url} refused"
     scrubbed = scrub(message, url)
     assert CANARY_A not in scrubbed and CANARY_B not in scrubbed, scrubbed
+
+
+def test_worker_by_name_checks_the_data_folder_before_any_trial(tmp_path: Path) -> None:
+    """A study created where its data folder exists, then pulled by name on a machine without it: one error line,
+    no trial recorded."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    data = tmp_path / "mnist"
+    data.mkdir()
+    study = tmp_path / "s.yaml"
+    doc = variant(name="idx-study", objective__data={"source": "idx", "path": str(data)})
+    study.write_text(yaml.safe_dump(doc, sort_keys=False))
+    runner = CliRunner()
+    assert runner.invoke(app, ["create", str(study)], env={"HPO_STORAGE": url}).exit_code == 0
+    data.rmdir()
+    before = table_counts(tmp_path / "hpo.db")
+    res = runner.invoke(app, ["worker", "idx-study"], env={"HPO_STORAGE": url})
+    case = Case("worker-by-name", [], ["stored study 'idx-study'", "objective.data.path", str(data)])
+    check_clean_error(case, res.exit_code, res.stdout, res.stderr)
+    assert table_counts(tmp_path / "hpo.db") == before
