@@ -697,3 +697,22 @@ def test_worker_by_name_checks_the_data_folder_before_any_trial(tmp_path: Path) 
     case = Case("worker-by-name", [], ["stored study 'idx-study'", "objective.data.path", str(data)])
     check_clean_error(case, res.exit_code, res.stdout, res.stderr)
     assert table_counts(tmp_path / "hpo.db") == before
+
+
+@pytest.mark.parametrize(
+    "name", ["plain", "it's", "a b;rm -rf x", "$(touch pwned)", "`id`", "x\ny\x1b[31m", "b\\s'q\t"]
+)
+def test_shell_quoted_names_are_one_word_for_bash(name: str, tmp_path: Path) -> None:
+    """What the printed command hands the shell is the name itself, one word, and runs nothing."""
+    import shutil
+
+    from hpo.render import shell_quote
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    for always in (False, True):
+        quoted = shell_quote(name, always=always)
+        assert "\n" not in quoted and "\x1b" not in quoted
+        res = subprocess.run(["bash", "-c", f"printf '%s' {quoted}"], capture_output=True, text=True, cwd=tmp_path)
+        assert res.stdout == name
+    assert not (tmp_path / "pwned").exists()
