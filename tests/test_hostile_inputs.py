@@ -390,6 +390,48 @@ def test_there_are_enough_cases() -> None:
     assert set(SUBPROCESS) <= {c.id for c in CASES}
 
 
+def server_counts(url: str) -> dict[str, int]:
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            tables = sqlalchemy.inspect(conn).get_table_names()
+            return {t: conn.execute(sqlalchemy.text(f'SELECT COUNT(*) FROM "{t}"')).scalar_one() for t in tables}
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def prepared_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same prepared study on a fresh PostgreSQL database."""
+    server = os.environ.get("HPO_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("HPO_TEST_POSTGRES_URL is not set; this test needs a real PostgreSQL (.ci/run sets it)")
+    gen = _fresh_database(server)
+    url = next(gen)
+    study = tmp_path_factory.mktemp("prepared_pg") / "base.yaml"
+    study.write_text(yaml.safe_dump(BASE, sort_keys=False))
+    res = CliRunner().invoke(app, ["run", str(study), "--threads", "1"], env={"HPO_STORAGE": url})
+    assert res.exit_code == 0, res.output
+    yield url
+    for _ in gen:
+        pass
+
+
+#: The cases that reach the stored study (resumes, enqueues) and some files, again on PostgreSQL.
+PG_CASES = [c for c in CASES if c.id.startswith(("resume-", "enqueue-", "file-enqueue", "file-objective", "file-data"))]
+
+
+@pytest.mark.parametrize("case", PG_CASES, ids=[c.id for c in PG_CASES])
+def test_bad_input_leaves_postgresql_unchanged(case: Case, prepared_pg: str, tmp_path: Path) -> None:
+    before = server_counts(prepared_pg)
+    args = materialise(case, tmp_path)
+    res = CliRunner().invoke(app, args, env={"HPO_STORAGE": prepared_pg, **case.env})
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise AssertionError(f"{case.id}: raised {res.exception!r}") from res.exception
+    check_clean_error(case, res.exit_code, res.stdout, res.stderr)
+    assert server_counts(prepared_pg) == before, f"{case.id}: the database changed"
+
+
 SUBPROCESS = [
     "file-not-utf8",
     "file-5000-brackets",
