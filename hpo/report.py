@@ -30,6 +30,7 @@ from plotly.offline import get_plotlyjs
 from hpo import query
 from hpo.errors import HpoError, SpecError
 from hpo.hypotheses import MIN_TRIALS, Verdict, check
+from hpo.render import visible
 from hpo.spec import Prediction, StudySpec, parse_spec
 
 SPEC_ATTR = "hpo:spec"  # where hpo.worker.create stores the study file
@@ -242,7 +243,7 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     counts = df["state"].value_counts().to_dict() if not df.empty else {}
     count_txt = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    title = html.escape(study.study_name)
+    title = html.escape(visible(study.study_name))  # control characters shown, as everywhere (hpo.render)
     head = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hpo report: {title}</title>"
         f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
@@ -254,7 +255,7 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     if not complete:
         why = "No trial has finished yet" if not trials else "No trial completed"
         errors = sorted({str(t.user_attrs.get("error")) for t in trials if t.user_attrs.get("error")})[:5]
-        err_html = "".join(f"<li>{html.escape(e)}</li>" for e in errors)
+        err_html = "".join(f"<li>{html.escape(visible(e))}</li>" for e in errors)
         body = (
             f"<div class='empty' id='empty-report'><p><b>{why}</b> ({html.escape(count_txt)}), so there is nothing "
             f"to plot and no prediction can be checked.</p>"
@@ -268,7 +269,9 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     imps = query.importances("", study)
     sections: list[str] = []
     summary = _summary(study, df, imps, dists, metric, verdicts)
-    sections.append("<div class='summary'><h2>Summary</h2>" + "".join(f"<p>{html.escape(s)}</p>" for s in summary))
+    sections.append(
+        "<div class='summary'><h2>Summary</h2>" + "".join(f"<p>{html.escape(visible(s))}</p>" for s in summary)
+    )
     sections.append("</div><h2>Predictions</h2>" + _verdict_table(verdicts))
 
     plots: list[tuple[str, go.Figure]] = []
@@ -299,6 +302,7 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         sorted(complete, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:10]  # type: ignore[arg-type]
     )
     top = top.drop(columns=[c for c in ("datetime_start", "datetime_complete", "state") if c in top])
+    top = top.rename(columns=visible).map(lambda v: visible(v) if isinstance(v, str) else v)  # names are data
     sections.append("<h2>Best trials</h2>" + top.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
     return head + "".join(sections) + "</body></html>"
 

@@ -691,8 +691,8 @@ def test_hostile_names_are_printed_literally_everywhere(tmp_path: Path) -> None:
     )
     assert len(waiting) == 1  # enqueued once, and the command ended cleanly
     report = next(tmp_path.glob("*.html")).read_text()
-    assert "<script>" not in report.split("markup")[0][-200:]  # the name is escaped in the page
-    assert "[/]markup[bold" in report
+    assert "sec-[/]markup[bold \\x1b[31mred\\nerror: fake" in report  # the title: literal, control characters shown
+    assert "\x1b" not in report
 
 
 @pytest.mark.parametrize(
