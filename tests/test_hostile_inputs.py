@@ -285,9 +285,11 @@ ENQUEUES = [
     ("lr", "name=value"),
     ("=1", "name=value"),
     ("lr=[unclosed", "--param"),
+    ("lr=1" + "0" * 400, "outside"),
+    ("epochs=" + "9" * 400, "outside"),
 ]
 ENQUEUE_CASES = [
-    Case(f"enqueue-{p}", ["enqueue", "base", "-p", p], ["--param", p.split("=")[0] or "="]) for p, _ in ENQUEUES
+    Case(f"enqueue-{p[:24]}", ["enqueue", "base", "-p", p], ["--param", p.split("=")[0] or "="]) for p, _ in ENQUEUES
 ]
 ENQUEUE_CASES += [
     Case(f"enqueue-reason-{i}", ["enqueue", "base", "-p", "lr=0.01", "-p", p], [why]) for i, (p, why) in enumerate(ENQUEUES[:14])
