@@ -209,7 +209,7 @@ def run(
     _summary(spec.name, url)
     out.print(
         f"stored in {lit(mask(url))} (read it with: hpo trials {lit(shell_quote(spec.name))} "
-        f"--storage {lit(shell_quote(mask(url)))})",
+        f"--storage {lit(shell_quote(mask(url), always=True))})",
         highlight=False,
         soft_wrap=True,
     )

@@ -43,12 +43,15 @@ def text(value: Any, style: str = "") -> Text:
     return Text(visible(value), style=style)
 
 
-def shell_quote(value: Any) -> str:
-    """``value`` quoted for a POSIX shell, as one word; control characters as a ``$'...'`` word (bash, zsh)."""
+def shell_quote(value: Any, always: bool = False) -> str:
+    """``value`` quoted for a POSIX shell, as one word (``always``: in quotes even when it needs none); control
+    characters as a ``$'...'`` word (bash, zsh)."""
     s = str(value)
     if _CONTROL.search(s):
         body = _CONTROL.sub(_escape_char, s.replace("\\", "\\\\").replace("'", "\\'"))
         return f"$'{body}'"
+    if always:
+        return "'" + s.replace("'", "'\"'\"'") + "'"
     return shlex.quote(s)
 
 

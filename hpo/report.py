@@ -38,6 +38,7 @@ from plotly.offline import get_plotlyjs
 from hpo import query
 from hpo.errors import HpoError, SpecError
 from hpo.hypotheses import Verdict, check
+from hpo.render import visible
 from hpo.spec import Prediction, StudySpec, parse_spec
 
 SPEC_ATTR = "hpo:spec"  # where hpo.worker.create stores the study file
@@ -108,7 +109,7 @@ GREY, BLUE, ORANGE, RED = "#9aa5b1", "#1f77b4", "#ff7f0e", "#d62728"
 
 
 def _label(name: str) -> str:
-    return LABELS.get(name, name.replace("_", " "))
+    return visible(LABELS.get(name, name.replace("_", " ")))  # names are data: control characters shown
 
 
 def _sig(v: Any) -> str:
@@ -763,20 +764,20 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     counts = pd.Series([t.state.name for t in trials]).value_counts().to_dict() if trials else {}
     count_txt = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    title = html.escape(study.study_name)
+    title = html.escape(visible(study.study_name))  # control characters shown, as everywhere (hpo.render)
     desc = getattr(ctx.spec, "description", None)
     head = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hpo report: {title}</title>"
         f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
         f"<h1>Study {title}</h1>"
-        + (f"<p>{html.escape(desc)}</p>" if desc else "")
+        + (f"<p>{html.escape(visible(desc))}</p>" if desc else "")
         + f"<p class='meta'>direction {study.direction.name.lower()}, metric {html.escape(ctx.metric)};"
         f" {len(trials)} trials: {html.escape(count_txt)}. Generated {now}.</p>"
     )
     if not ctx.complete:
         why = "No trial has finished yet" if not trials else "No trial completed"
         errors = sorted({str(t.user_attrs.get("error")) for t in trials if t.user_attrs.get("error")})[:5]
-        err_html = "".join(f"<li>{html.escape(e)}</li>" for e in errors)
+        err_html = "".join(f"<li>{html.escape(visible(e))}</li>" for e in errors)
         body = (
             f"<div class='empty' id='empty-report'><p><b>{why}</b> ({html.escape(count_txt)}), so there is nothing "
             f"to plot and no prediction can be checked.</p>"
@@ -799,7 +800,7 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     out: list[str] = [head]
     out.append(
         "<div class='summary'><h2>Summary</h2>"
-        + "".join(f"<p>{html.escape(s)}</p>" for s in _summary(ctx, imps_top, verdicts))
+        + "".join(f"<p>{html.escape(visible(s))}</p>" for s in _summary(ctx, imps_top, verdicts))
     )
     if verdicts:
         out.append("".join(_verdict_html(v) for v in verdicts))

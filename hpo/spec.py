@@ -460,6 +460,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _short(v: Any) -> str:
+    import reprlib
+
+    short = reprlib.Repr()  # keyword arguments only from Python 3.12
+    short.maxstring, short.maxother, short.maxlong = 60, 60, 40
+    return short.repr(v)
+
+
 def check_params(space: dict[str, Any], params: Any) -> str | None:
     """Why fixed parameters (an ``enqueue:`` entry, ``hpo enqueue -p``) do not fit ``space``, as
     ``name: reason``; ``None`` when they fit. Checks names, types, ranges and choices; missing names are drawn."""
@@ -470,20 +478,21 @@ def check_params(space: dict[str, Any], params: Any) -> str | None:
         if p is None and (not isinstance(name, str) or name not in space):
             return f"{name}: not in the study's space (known: {', '.join(space) or 'none'})"
         if isinstance(p, IntParam | FloatParam):
-            if not _is_number(v) or (isinstance(p, IntParam) and not float(v).is_integer()):
+            whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+            if not _is_number(v) or (isinstance(p, IntParam) and not whole):
                 kind = "a whole number" if isinstance(p, IntParam) else "a number"
-                return f"{name}: must be {kind} (got {v!r})"
-            if not math.isfinite(v) or not p.low <= v <= p.high:
-                return f"{name}: {v!r} is outside the space's range [{p.low}, {p.high}]"
+                return f"{name}: must be {kind} (got {_short(v)})"
+            if not (-1e308 < v < 1e308) or not p.low <= v <= p.high:  # also NaN and ints too large for a float
+                return f"{name}: {_short(v)} is outside the space's range [{p.low}, {p.high}]"
         elif isinstance(p, ChoiceParam):
             if not any(type(v) is type(c) and v == c for c in p.choices) and not any(
                 _is_number(v) and _is_number(c) and v == c for c in p.choices
             ):
-                return f"{name}: {v!r} is not one of the choices {p.choices}"
+                return f"{name}: {_short(v)} is not one of the choices {p.choices}"
         else:
             fixed = p.value if isinstance(p, FixedParam) else p
             if v != fixed:
-                return f"{name}: fixed at {fixed!r} in the space (got {v!r})"
+                return f"{name}: fixed at {fixed!r} in the space (got {_short(v)})"
     return None
 
 

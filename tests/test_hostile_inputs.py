@@ -285,9 +285,11 @@ ENQUEUES = [
     ("lr", "name=value"),
     ("=1", "name=value"),
     ("lr=[unclosed", "--param"),
+    ("lr=1" + "0" * 400, "outside"),
+    ("epochs=" + "9" * 400, "outside"),
 ]
 ENQUEUE_CASES = [
-    Case(f"enqueue-{p}", ["enqueue", "base", "-p", p], ["--param", p.split("=")[0] or "="]) for p, _ in ENQUEUES
+    Case(f"enqueue-{p[:24]}", ["enqueue", "base", "-p", p], ["--param", p.split("=")[0] or "="]) for p, _ in ENQUEUES
 ]
 ENQUEUE_CASES += [
     Case(f"enqueue-reason-{i}", ["enqueue", "base", "-p", "lr=0.01", "-p", p], [why]) for i, (p, why) in enumerate(ENQUEUES[:14])
@@ -388,6 +390,48 @@ def test_there_are_enough_cases() -> None:
     assert len(CASES) >= 120, len(CASES)
     assert len({c.id for c in CASES}) == len(CASES), "case ids must be distinct"
     assert set(SUBPROCESS) <= {c.id for c in CASES}
+
+
+def server_counts(url: str) -> dict[str, int]:
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            tables = sqlalchemy.inspect(conn).get_table_names()
+            return {t: conn.execute(sqlalchemy.text(f'SELECT COUNT(*) FROM "{t}"')).scalar_one() for t in tables}
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def prepared_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same prepared study on a fresh PostgreSQL database."""
+    server = os.environ.get("HPO_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("HPO_TEST_POSTGRES_URL is not set; this test needs a real PostgreSQL (.ci/run sets it)")
+    gen = _fresh_database(server)
+    url = next(gen)
+    study = tmp_path_factory.mktemp("prepared_pg") / "base.yaml"
+    study.write_text(yaml.safe_dump(BASE, sort_keys=False))
+    res = CliRunner().invoke(app, ["run", str(study), "--threads", "1"], env={"HPO_STORAGE": url})
+    assert res.exit_code == 0, res.output
+    yield url
+    for _ in gen:
+        pass
+
+
+#: The cases that reach the stored study (resumes, enqueues) and some files, again on PostgreSQL.
+PG_CASES = [c for c in CASES if c.id.startswith(("resume-", "enqueue-", "file-enqueue", "file-objective", "file-data"))]
+
+
+@pytest.mark.parametrize("case", PG_CASES, ids=[c.id for c in PG_CASES])
+def test_bad_input_leaves_postgresql_unchanged(case: Case, prepared_pg: str, tmp_path: Path) -> None:
+    before = server_counts(prepared_pg)
+    args = materialise(case, tmp_path)
+    res = CliRunner().invoke(app, args, env={"HPO_STORAGE": prepared_pg, **case.env})
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise AssertionError(f"{case.id}: raised {res.exception!r}") from res.exception
+    check_clean_error(case, res.exit_code, res.stdout, res.stderr)
+    assert server_counts(prepared_pg) == before, f"{case.id}: the database changed"
 
 
 SUBPROCESS = [
@@ -649,8 +693,8 @@ def test_hostile_names_are_printed_literally_everywhere(tmp_path: Path) -> None:
     )
     assert len(waiting) == 1  # enqueued once, and the command ended cleanly
     report = next(tmp_path.glob("*.html")).read_text()
-    assert "<script>" not in report.split("markup")[0][-200:]  # the name is escaped in the page
-    assert "[/]markup[bold" in report
+    assert "sec-[/]markup[bold \\x1b[31mred\\nerror: fake" in report  # the title: literal, control characters shown
+    assert "\x1b" not in report
 
 
 @pytest.mark.parametrize(
@@ -678,3 +722,41 @@ def test_mask_and_scrub_every_form(url: str) -> None:
     message = f"FATAL: password {secret!r} for {url} refused"
     scrubbed = scrub(message, url)
     assert CANARY_A not in scrubbed and CANARY_B not in scrubbed, scrubbed
+
+
+def test_worker_by_name_checks_the_data_folder_before_any_trial(tmp_path: Path) -> None:
+    """A study created where its data folder exists, then pulled by name on a machine without it: one error line,
+    no trial recorded."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    data = tmp_path / "mnist"
+    data.mkdir()
+    study = tmp_path / "s.yaml"
+    doc = variant(name="idx-study", objective__data={"source": "idx", "path": str(data)})
+    study.write_text(yaml.safe_dump(doc, sort_keys=False))
+    runner = CliRunner()
+    assert runner.invoke(app, ["create", str(study)], env={"HPO_STORAGE": url}).exit_code == 0
+    data.rmdir()
+    before = table_counts(tmp_path / "hpo.db")
+    res = runner.invoke(app, ["worker", "idx-study"], env={"HPO_STORAGE": url})
+    case = Case("worker-by-name", [], ["stored study 'idx-study'", "objective.data.path", str(data)])
+    check_clean_error(case, res.exit_code, res.stdout, res.stderr)
+    assert table_counts(tmp_path / "hpo.db") == before
+
+
+@pytest.mark.parametrize(
+    "name", ["plain", "it's", "a b;rm -rf x", "$(touch pwned)", "`id`", "x\ny\x1b[31m", "b\\s'q\t"]
+)
+def test_shell_quoted_names_are_one_word_for_bash(name: str, tmp_path: Path) -> None:
+    """What the printed command hands the shell is the name itself, one word, and runs nothing."""
+    import shutil
+
+    from hpo.render import shell_quote
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    for always in (False, True):
+        quoted = shell_quote(name, always=always)
+        assert "\n" not in quoted and "\x1b" not in quoted
+        res = subprocess.run(["bash", "-c", f"printf '%s' {quoted}"], capture_output=True, text=True, cwd=tmp_path)
+        assert res.stdout == name
+    assert not (tmp_path / "pwned").exists()

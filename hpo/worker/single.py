@@ -125,6 +125,10 @@ def run_worker(
     study, spec = with_db_retry("load the study", lambda: load(name, storage), opts.db_retry_for, storage_url)
     if isinstance(study_or_spec, StudySpec):
         spec = study_or_spec
+    else:
+        from hpo.preflight import preflight
+
+        preflight(spec, f"stored study {name!r}")  # e.g. a data folder missing on this machine: before any trial
     opts = agree_on_grace(study, opts)
     if spec.sampler.seed is not None:
         offset = os.getpid() if opts.seed_offset is None else opts.seed_offset
