@@ -58,6 +58,7 @@ from hpo.storage import (
     set_trial_user_attrs,
     unbeaten_trial_ids,
 )
+from hpo.threads import budget as thread_budget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -324,7 +325,7 @@ def run_worker(
             study.sampler = make_sampler(seeded)
     objective = resolve(spec.objective.kind)
     device = resolve_device(opts.device if opts.device != "cpu" else getattr(spec.objective, "device", "cpu"))
-    threads = opts.threads or getattr(spec.objective, "threads", None) or default_threads()
+    threads = thread_budget(opts.threads or getattr(spec.objective, "threads", None))
     _set_threads(threads)
     budget = opts.n_trials if opts.n_trials is not None else spec.budget.n_trials
     timeout = opts.timeout if opts.timeout is not None else spec.budget.timeout
