@@ -72,15 +72,33 @@ def grokking(steps: int) -> Callable[[], float]:
     return run
 
 
-def timed(fn: Callable[[], float], threads: int, rule: bool) -> tuple[float, int]:
-    """(seconds, threads hpo's rule picks with this budget) for one run with ``threads`` torch threads."""
+def timed(fn: Callable[[], float], threads: int) -> float:
+    """Seconds of one run with ``threads`` torch threads, hpo's small-step rule switched off."""
     saved = hpo_threads.SMALL_WORK
-    hpo_threads.SMALL_WORK = saved if rule else 0
+    hpo_threads.SMALL_WORK = 0
     torch.set_num_threads(threads)
     try:
-        return fn(), threads
+        return fn()
     finally:
         hpo_threads.SMALL_WORK = saved
+
+
+def picks(mode: str) -> tuple[int, int]:
+    """Threads hpo's rule gives this mode's trial: with ``--threads 2``, and with no ``--threads`` at today's load."""
+    from hpo.objectives.population import ROW_BUDGET, largest_model
+
+    spec = load_spec(ROOT / "studies" / "spirals-optimizer.yaml")
+    if mode == "single-trial":
+        params, rows = largest_model(spec), 16
+    elif mode == "population":
+        params, rows = largest_model(spec) * 32, ROW_BUDGET
+    else:
+        gspec = load_spec(ROOT / "studies" / "grokking-mlp.yaml")
+        cfg = grok.resolve_config(gspec.objective, {})  # type: ignore[arg-type]
+        with torch.device("meta"):
+            params = sum(p.numel() for p in grok.build_model(gspec.objective, cfg).parameters())  # type: ignore[arg-type]
+        rows = round(cfg.data.p**2 * cfg.data.train_fraction)
+    return hpo_threads.for_step(params, rows, 2), hpo_threads.for_step(params, rows, hpo_threads.default_threads(1))
 
 
 def main() -> None:
@@ -96,12 +114,13 @@ def main() -> None:
         time.sleep(2 if burners else 0)
         print(f"cores {hpo_threads.available_cores()}, load average {os.getloadavg()[0]:.1f}, burners {args.load}")
         print(f"hpo's default threads for one worker now: {hpo_threads.default_threads(1)}")
-        print("| mode | 1 thread | 2 threads | 2 / 1 |")
-        print("|---|---|---|---|")
+        print("| mode | 1 thread | 2 threads | 2 / 1 | hpo picks (--threads 2 / default) |")
+        print("|---|---|---|---|---|")
         for name, fn in (("single-trial", single), ("population", population), ("grokking", grokking(args.steps))):
-            one, _ = timed(fn, 1, rule=False)
-            two, _ = timed(fn, 2, rule=False)
-            print(f"| {name} | {one:.1f} s | {two:.1f} s | {two / one:.2f} |", flush=True)
+            one = timed(fn, 1)
+            two = timed(fn, 2)
+            given, default = picks(name)
+            print(f"| {name} | {one:.1f} s | {two:.1f} s | {two / one:.2f} | {given} / {default} |", flush=True)
     finally:
         for p in burners:
             p.terminate()

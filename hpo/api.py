@@ -10,7 +10,12 @@ Example (a Jupyter cell)::
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -58,15 +63,40 @@ def run(
     url = resolve_url(storage, spec.storage)
     create(spec, url)
     budget = n_trials if n_trials is not None else spec.budget.n_trials
-    opts = WorkerOptions(threads=threads, device=device, n_trials=n_trials, timeout=timeout, population=population)
-    if progress:
-        with StudyProgress(spec.name, url, budget, console=Console(), lines=False) as poll:
-            opts.on_trial = lambda _t: poll(force=False)
-            run_worker(spec, url, opts)
-    else:
-        run_worker(spec, url, opts)
+    opts = WorkerOptions(
+        threads=threads, device=device, n_trials=n_trials, timeout=timeout, population=population, handle_signals=False
+    )
+    stop = threading.Event()
+    with _interrupts(stop):
+        if progress:
+            with StudyProgress(spec.name, url, budget, console=Console(), lines=False) as poll:
+                opts.on_trial = lambda _t: poll(force=False)
+                run_worker(spec, url, opts, stop=stop)
+        else:
+            run_worker(spec, url, opts, stop=stop)
     result, _ = load(spec.name, open_storage(url))
     return result
+
+
+@contextlib.contextmanager
+def _interrupts(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C / Kernel > Interrupt: the first stops the running trial (re-queued) and :func:`run` returns the study;
+    a second raises ``KeyboardInterrupt`` as usual. (The command line's worker exits the process at the second
+    signal, which in a notebook would kill the kernel.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 __all__ = ["run"]

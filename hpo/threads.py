@@ -1,7 +1,7 @@
 """How many torch threads a trial uses: one rule for single-trial, population and grokking modes.
 
 1. The worker's thread budget: the ``--threads`` it was given (``hpo run --workers N`` gives each worker its share),
-   else the cores this process may use (``os.sched_getaffinity``) divided by the local workers sharing them, and
+   never above the cores it may use; else the cores this process may use (``os.sched_getaffinity``) divided by the local workers sharing them, and
    lowered to the cores left free by other work when the worker starts (the 1-minute load average): on a machine
    busy with other jobs a second thread only waits for a core (measured: benchmarks/README.md, "Threads").
 2. One thread where a step's kernels are too small to split: below :data:`SMALL_WORK` (parameters x rows per step;
@@ -55,6 +55,14 @@ def default_threads(local_workers: int = 1, load: float | None = None) -> int:
     return max(1, min(share, free // workers))
 
 
+def budget(requested: int | None = None, local_workers: int = 1) -> int:
+    """A worker's thread budget: ``requested`` (``--threads``, the study file's ``threads``) up to the cores this
+    process may use, else :func:`default_threads`."""
+    if requested:
+        return max(1, min(requested, available_cores()))
+    return default_threads(local_workers)
+
+
 def for_step(n_params: int, rows: int, budget: int) -> int:
     """Threads for a step of ``rows`` rows through ``n_params`` parameters: 1 below :data:`SMALL_WORK`, else
     ``budget``."""
@@ -82,4 +90,4 @@ def current() -> int | None:
     return int(torch.get_num_threads()) if torch is not None else None
 
 
-__all__ = ["SMALL_WORK", "available_cores", "busy_cores", "current", "default_threads", "for_step", "use"]
+__all__ = ["SMALL_WORK", "available_cores", "budget", "busy_cores", "current", "default_threads", "for_step", "use"]

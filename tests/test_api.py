@@ -51,3 +51,42 @@ def test_report_figures_of_the_returned_study(tmp_path: Path) -> None:
     study = hpo.run(path, storage=f"sqlite:///{tmp_path / 'a.db'}", threads=1, progress=False)
     figs = hpo.report.figures(study)
     assert figs and all(hasattr(f, "to_html") for f in figs.values())
+
+
+def test_an_interrupt_stops_the_run_and_returns_the_study(tmp_path: Path) -> None:
+    """SIGINT (Kernel > Interrupt) during a run: the running trial is stopped and re-queued, the study returned."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        path = write_study(
+            tmp_path / "int.yaml",
+            "interrupted",
+            metric="value",
+            objective={"kind": "worker_objectives:sleepy", "sleep": 5.0, "marker_dir": str(markers)},
+            space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
+            budget={"n_trials": 50},
+        )
+
+        def interrupt_mid_trial() -> None:  # once the first trial runs (its marker), whatever the machine's load
+            while not any(markers.iterdir()):
+                time.sleep(0.05)
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        timer = threading.Thread(target=interrupt_mid_trial, daemon=True)
+        timer.start()
+        study = hpo.run(path, storage=f"sqlite:///{tmp_path / 'a.db'}", progress=False)
+        timer.join()
+    finally:
+        sys.path.remove(str(Path(__file__).resolve().parent))
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 0 and states.count(TrialState.FAIL) == 1  # stopped mid-trial
+    assert TrialState.RUNNING not in states and TrialState.WAITING in states  # the stopped trial waits, re-queued
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

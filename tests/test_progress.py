@@ -73,3 +73,35 @@ def test_run_lists_each_trial_and_points_at_hpo_trials(tmp_path: Path) -> None:
     numbers = [int(m[1]) for m in re.finditer(r"^trial (\d+) COMPLETE value=", res.stderr, flags=re.M)]
     assert sorted(numbers) == [0, 1, 2], res.stderr
     assert "read it with: hpo trials runlines" in res.stdout and "optuna trials" not in res.stdout
+
+
+def test_worker_on_a_terminal_shows_a_live_progress_view(tmp_path: Path) -> None:
+    """Under a pseudo-terminal: the study's progress bar, redrawn, with the trials' lines above it."""
+    import pty
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    path = sleepy(tmp_path, "tty", 3)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpo", "worker", str(path), "--threads", "1"],
+        env={**os.environ, **ENV, "HPO_STORAGE": url, "COLUMNS": "100", "TERM": "xterm"},
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the worker exited and closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "━" in screen and "3/3" in screen  # the bar, complete
+    lines = {int(m[1]) for m in re.finditer(r"trial (\d+) COMPLETE value=", screen)}
+    assert lines == {0, 1, 2}

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hpo.threads import SMALL_WORK, available_cores, default_threads, for_step, use
+from hpo.threads import SMALL_WORK, available_cores, budget, default_threads, for_step, use
 
 from .conftest import STUDIES, hpo_cli, write_study
 from .test_grokking import grokking_doc
@@ -28,6 +28,7 @@ def test_the_rule() -> None:
     assert default_threads(1, load=float(cores)) == 1  # every core busy with other work: one thread
     assert default_threads(1, load=4 * cores) == 1
     assert for_step(41, 16, 8) == 1 and for_step(SMALL_WORK, 1, 8) == 8
+    assert budget(10_000) == cores and budget(1) == 1  # never above the cores this process may use
     import torch
 
     before = torch.get_num_threads()
@@ -53,7 +54,7 @@ def test_single_trial_mode_records_the_threads_used(tmp_path: Path) -> None:
     large = write_study(tmp_path / "large.yaml", "large", objective=objective, budget={"n_trials": 1})
     res = hpo_cli("run", str(large), "--storage", url, "--threads", "2")
     assert res.returncode == 0, res.stderr
-    assert recorded(url, "large") == [2]
+    assert recorded(url, "large") == [min(2, available_cores())]
 
 
 def test_population_mode_records_one_thread_for_the_lessons_model(tmp_path: Path) -> None:
@@ -88,4 +89,4 @@ def test_grokking_records_the_threads_used(tmp_path: Path, layers: list[int], ba
     url = f"sqlite:///{tmp_path / 't.db'}"
     res = hpo_cli("run", str(path), "--storage", url, "--threads", "2")
     assert res.returncode == 0, res.stderr
-    assert recorded(url, "grok-threads") == [expected]
+    assert recorded(url, "grok-threads") == [min(expected, available_cores())]

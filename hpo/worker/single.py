@@ -26,6 +26,7 @@ from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec
 from hpo.storage import describe_error, open_storage, quiet_optuna, set_trial_user_attrs
+from hpo.threads import budget as thread_budget
 from hpo.worker.lease import (
     Heartbeats,
     RetryingStorage,
@@ -37,7 +38,7 @@ from hpo.worker.lease import (
     with_db_retry,
     worker_name,
 )
-from hpo.worker.options import WorkerOptions, WorkerResult, default_threads
+from hpo.worker.options import WorkerOptions, WorkerResult
 from hpo.worker.study import create, load
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def run_worker(
             study.sampler = make_sampler(seeded)
     objective = resolve(spec.objective.kind)
     device = resolve_device(opts.device if opts.device != "cpu" else getattr(spec.objective, "device", "cpu"))
-    threads = opts.threads or getattr(spec.objective, "threads", None) or default_threads()
+    threads = thread_budget(opts.threads or getattr(spec.objective, "threads", None))
     _set_threads(threads)
     budget = opts.n_trials if opts.n_trials is not None else spec.budget.n_trials
     timeout = opts.timeout if opts.timeout is not None else spec.budget.timeout
