@@ -621,9 +621,9 @@ def _lock_statement(backend: str) -> Any:
 
 
 _LOCK_SETTINGS = {
-    "postgresql": (
-        f"SET LOCAL lock_timeout = '{LOCK_WAIT_S}s'",
-        f"SET LOCAL idle_in_transaction_session_timeout = '{LOCK_IDLE_S}s'",
+    "postgresql": (  # SET LOCAL, as one statement: for this transaction only (PgBouncer's transaction pooling too)
+        f"SELECT set_config('lock_timeout', '{LOCK_WAIT_S}s', true), "
+        f"set_config('idle_in_transaction_session_timeout', '{LOCK_IDLE_S}s', true)",
     ),
     "mysql": (f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_S}",),
 }
