@@ -8,7 +8,9 @@ Workers: 32 **simulated clients** in one process, taking turns (2 cores cannot h
 database 32 x 3 connections beside other users): each client is what a worker process holds, its own ``Study`` with
 its own Optuna trial cache, over one shared engine. Between two turns of a client, the 31 others have finished a
 trial each, as with 32 workers. A warm-up round (one trial per client, untimed) brings every cache up to date after
-each fill, as long-running workers' caches are. Per trial:
+each fill, as long-running workers' caches are. Then ``--window`` rounds (one trial per client each) are timed per
+side, the sides alternating round by round (Optuna, hpo, hpo, Optuna, ...) so that the machine's load drifts over
+both alike. Per trial:
 
 * plain Optuna: ``study.ask()``, ``suggest_float``, ``study.tell(trial, value)``;
 * hpo: a slot under the study's budget lock (``hpo.worker.take_slots``: budget count, new RUNNING trial and its
@@ -158,19 +160,18 @@ class Side:
         set_trial_user_attrs(study._storage, trial._trial_id, attrs)
         study.tell(trial, objective(params["x"]))
 
-    def measure(self, trials_per_client: int) -> tuple[float, float]:
-        """(seconds per trial, statements per trial) over a window; one untimed warm-up round first."""
-        n = len(self.studies)
-        for c in range(n):
+    def warm_up(self) -> None:
+        """One untimed trial per client: every client's cache reads what was inserted since its last turn."""
+        for c in range(len(self.studies)):
             self.trial(c)
+
+    def chunk(self) -> tuple[float, int, int]:
+        """One trial per client, in turn: (seconds, statements, trials)."""
         before = self.count[0]
         started = time.perf_counter()
-        for _ in range(trials_per_client):
-            for c in range(n):
-                self.trial(c)
-        elapsed = time.perf_counter() - started
-        done = trials_per_client * n
-        return elapsed / done, (self.count[0] - before) / done
+        for c in range(len(self.studies)):
+            self.trial(c)
+        return time.perf_counter() - started, self.count[0] - before, len(self.studies)
 
     def size(self) -> int:
         import sqlalchemy
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=default_url, help="a PostgreSQL URL; the script makes its own database")
     parser.add_argument("--sizes", default="1000,5000,20000", help="study sizes at which to time a window")
     parser.add_argument("--clients", type=int, default=32, help="simulated workers")
-    parser.add_argument("--window", type=int, default=2, help="timed trials per client at each size")
+    parser.add_argument("--window", type=int, default=4, help="timed rounds (one trial per client) at each size")
     parser.add_argument("--quick", action="store_true", help="sizes 200,400, 4 clients, 1 trial each")
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
     args = parser.parse_args(argv)
@@ -205,15 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     with fresh_database(args.url) as url, tempfile.TemporaryDirectory() as tmp:
         sides = {name: Side(name, url, args.clients, Path(tmp)) for name in ("optuna", "hpo")}
         for size in sizes:
-            for name, side in sides.items():
+            for side in sides.values():
                 have = side.size()
                 if size > have:
                     fill(side.backend.engine, side.study_id, have, size, rng)
-                results[name][size] = side.measure(args.window)
+                side.warm_up()
+            # Rounds alternate the order (Optuna, hpo, hpo, Optuna, ...): the machine's load drifts over a run.
+            totals = {name: [0.0, 0, 0] for name in sides}
+            for r in range(args.window):
+                for name in ("optuna", "hpo") if r % 2 == 0 else ("hpo", "optuna"):
+                    seconds, statements, trials = sides[name].chunk()
+                    totals[name][0] += seconds
+                    totals[name][1] += statements
+                    totals[name][2] += trials
+            for name, (seconds, statements, trials) in totals.items():
+                results[name][size] = (seconds / trials, statements / trials)
                 if not args.json:
-                    per, stmts = results[name][size]
-                    print(f"{name:7s} at {size:6d} trials: {per * 1000:8.2f} ms/trial  {stmts:6.1f} statements/trial",
-                          flush=True)  # fmt: skip
+                    print(f"{name:7s} at {size:6d} trials: {seconds / trials * 1000:8.2f} ms/trial  "
+                          f"{statements / trials:6.1f} statements/trial", flush=True)  # fmt: skip
         for side in sides.values():
             side.backend.engine.dispose()
     first, last = sizes[0], sizes[-1]

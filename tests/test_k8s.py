@@ -162,7 +162,8 @@ def native(
     doc: dict[str, Any], secrets: Path, database: str, roles: dict[str, str], index: int = 0
 ) -> tuple[list[str], dict[str, str]]:
     """A pod's command and environment as they would be in its container, with host ``hpo-db`` pointed at the local
-    server, the Secret's mount at a folder here and the role names made unique."""
+    server (``database``: its ``host:port/name``), the Secret's mount at a folder here and the role names made
+    unique."""
     container = pod_spec(doc)["containers"][0]
     [mount] = container["volumeMounts"]
     env: dict[str, str] = {}
@@ -172,9 +173,7 @@ def native(
         else:
             assert "job-completion-index" in e["valueFrom"]["fieldRef"]["fieldPath"]
             value = str(index)
-        value = value.replace(mount["mountPath"], str(secrets)).replace(
-            "@hpo-db:5432/hpo", f"@127.0.0.1:5432/{database}"
-        )
+        value = value.replace(mount["mountPath"], str(secrets)).replace("@hpo-db:5432/hpo", f"@{database}")
         for role, unique in roles.items():
             value = value.replace(f"://{role}@", f"://{unique}@")
         env[e["name"]] = value
@@ -192,7 +191,7 @@ def test_init_worker_and_dashboard_commands_run_natively(postgres_url: str, stud
     for key, pw in PASSWORDS.items():
         (secrets / key).write_text(pw)
     study = write_study(tmp_path / "study.yaml", study_name, budget={"n_trials": 4})
-    database = url.database or ""
+    database = f"{url.host}:{url.port or 5432}/{url.database}"
     try:
         argv, env = native(by_kind("Job", "hpo-db-init"), secrets, database, roles)
         init = subprocess.run(

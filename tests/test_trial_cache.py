@@ -3,6 +3,10 @@ equals the whole-study count in SQL at every step, on every backend."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
@@ -11,6 +15,8 @@ from optuna.trial import TrialState
 from hpo import trial_cache
 from hpo.storage import budget_counts, open_storage, retry_callback
 from hpo.worker import WorkerOptions, take_slots
+
+from .conftest import ROOT, _server_url
 
 X = {"x": FloatDistribution(-10.0, 10.0)}
 
@@ -103,3 +109,19 @@ def test_incremental_budget_count_equals_the_whole_study_count(
         check()
     finally:
         storage.engine.dispose()
+
+
+def test_coordination_scale_benchmark_quick() -> None:
+    """``benchmarks/coordination_scale.py --quick`` still runs (tiny sizes: this measures nothing)."""
+    url = _server_url("postgres")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "coordination_scale.py"), "--quick", "--json", "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(figures["ms_per_trial"]) == {"optuna", "hpo"} and figures["sizes"] == [200, 400]
+    for size in ("200", "400"):  # JSON keys
+        assert figures["statements_per_trial"]["hpo"][size] < figures["statements_per_trial"]["optuna"][size]
