@@ -132,7 +132,7 @@ def run(
     url = resolve_url(storage, spec.storage)
     create(spec, url)
     budget = n_trials if n_trials is not None else spec.budget.n_trials
-    threads = threads or default_threads(workers)
+    threads = threads or getattr(spec.objective, "threads", None) or default_threads(workers)  # the file's, if set
     with _progress(spec.name, url, budget) as poll:
         if workers == 1:
             opts = WorkerOptions(

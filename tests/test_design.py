@@ -116,3 +116,5 @@ def test_lesson_settles_the_three_predictions(tmp_path: Path) -> None:
     assert all(v["verdict"] in ("supported", "refuted") for v in verdicts), verdicts
     spec = load_spec(STUDIES / "lesson.yaml")
     assert all(v["n_trials"] >= 3 * spec.design.seeds for v in verdicts)  # type: ignore[union-attr]
+    study = optuna.load_study(study_name="lesson", storage=url)
+    assert {t.user_attrs["threads"] for t in study.trials} == {1}  # the file's threads: 1, not cores / workers
