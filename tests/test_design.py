@@ -101,6 +101,12 @@ def test_a_design_runs_as_written(tmp_path: Path, population: int) -> None:
     assert v["n_trials"] == 9 and v["evidence"]["source"] == "the batch_size sweep of the design"
     assert v["verdict"] == "not enough evidence" and "design.seeds" in v["next_step"]  # 9 < MIN_TRIALS
     assert v["plot"] == "plot-effect-batch_size"
+    res = hpo_cli("report", str(path), "--storage", url, "-o", str(tmp_path / "d.html"))
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "d.html").read_text()
+    section = page[page.index("<h3>batch size</h3>") :]
+    assert section.index("class='verdict") < section.index('id="plot-effect-batch_size"')  # verdict, then its plot
+    assert "sweep of batch size, 3 seeds per point; others at the baseline: learning rate 0.01" in page
 
 
 @pytest.mark.slow
