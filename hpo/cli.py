@@ -183,7 +183,7 @@ def run(
             soft_wrap=True,
             markup=False,
         )
-    threads = threads or default_threads(workers)
+    threads = threads or getattr(spec.objective, "threads", None) or default_threads(workers)  # the file's, if set
     from hpo.progress import StudyProgress
 
     with StudyProgress(spec.name, url, budget, console=err) as poll:

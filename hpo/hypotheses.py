@@ -196,7 +196,12 @@ def _evidence(u: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Any]:
         "rho": float(rho[0]),
         "rho_ci": _ci(rho[1:]),
         "groups": [
-            {"u": float(p), "n": int(len(g)), "mean": float(means[0, j]), "sd": float(np.std(y[g], ddof=1))}
+            {
+                "u": float(p),
+                "n": int(len(g)),
+                "mean": float(means[0, j]),
+                "sd": float(np.std(y[g], ddof=1)) if len(g) > 1 else 0.0,
+            }
             for j, (p, g) in enumerate(zip(pos, groups, strict=True))
         ],
         "peak": peak,

@@ -101,6 +101,12 @@ def test_a_design_runs_as_written(tmp_path: Path, population: int) -> None:
     assert v["n_trials"] == 9 and v["evidence"]["source"] == "the batch_size sweep of the design"
     assert v["verdict"] == "not enough evidence" and "design.seeds" in v["next_step"]  # 9 < MIN_TRIALS
     assert v["plot"] == "plot-effect-batch_size"
+    res = hpo_cli("report", str(path), "--storage", url, "-o", str(tmp_path / "d.html"))
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "d.html").read_text()
+    section = page[page.index("<h3>batch size</h3>") :]
+    assert section.index("class='verdict") < section.index('id="plot-effect-batch_size"')  # verdict, then its plot
+    assert "sweep of batch size, 3 seeds per point; others at the baseline: learning rate 0.01" in page
 
 
 @pytest.mark.slow
@@ -116,3 +122,5 @@ def test_lesson_settles_the_three_predictions(tmp_path: Path) -> None:
     assert all(v["verdict"] in ("supported", "refuted") for v in verdicts), verdicts
     spec = load_spec(STUDIES / "lesson.yaml")
     assert all(v["n_trials"] >= 3 * spec.design.seeds for v in verdicts)  # type: ignore[union-attr]
+    study = optuna.load_study(study_name="lesson", storage=url)
+    assert {t.user_attrs["threads"] for t in study.trials} == {1}  # the file's threads: 1, not cores / workers
