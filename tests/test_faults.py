@@ -433,6 +433,40 @@ def test_postgres_restart_fails_no_in_flight_trial(
     assert [t.number for t in ts if t.state == TrialState.FAIL] == []
 
 
+def population_study(tmp_path: Path, name: str, n_trials: int, epochs: int) -> Path:
+    """A spirals training study for population workers: each trial trains ``epochs`` short epochs."""
+    return write_study(
+        tmp_path / f"{name}.yaml",
+        name,
+        objective={
+            "kind": "training",
+            "data": {"source": "spirals", "n_train": 1000, "n_val": 100, "seed": 0},
+            "model": {"kind": "mlp", "layers": [16]},
+            "loss": "bce",
+            "defaults": {"batch_size": 32, "epochs": epochs, "optimizer": "adam"},
+        },
+        budget={"n_trials": n_trials},
+    )
+
+
+def test_postgres_restart_fails_no_in_flight_population_member(
+    postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """A population worker (4 members at once) through ``pg_ctl restart -m fast``: its members' attributes,
+    reports, reads and tells ride out the restart as a single trial's do; no member fails, the budget is exact."""
+    pg_admin()
+    study = population_study(tmp_path, study_name, n_trials=6, epochs=60)
+    proc = worker(study, postgres_url, "--population", "4")
+    flying = wait_for(lambda: running(postgres_url, study_name, 4), "4 running members")
+    pg_ctl("restart", "--mode", "fast")
+    results = finish([proc])
+    ts = check(postgres_url, study_name, tmp_path, results, 6)
+    print(f"population, restart -m fast: {survived(ts, flying):.0%} of {len(flying)} in-flight members survived")  # noqa: T201
+    assert [t.number for t in ts if t.state == TrialState.FAIL] == [], results[0][1]
+    assert survived(ts, flying) == 1.0
+    assert all(t.user_attrs["population"] == 4 for t in ts)
+
+
 @pytest.mark.slow
 def test_postgres_stopped_for_30_s_fails_no_in_flight_trial(postgres_url: str, study_name: str, tmp_path: Path) -> None:
     pg_admin()
