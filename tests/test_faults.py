@@ -467,6 +467,34 @@ def test_postgres_restart_fails_no_in_flight_population_member(
     assert all(t.user_attrs["population"] == 4 for t in ts)
 
 
+def test_population_worker_whose_members_are_reaped_carries_on(
+    postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """A population worker SIGSTOPped while ``hpo reap`` (the study's grace period cut to 1 s) fails and re-queues
+    its 4 members: once continued it does not crash; each member's result goes to its re-queued copy or, where the
+    copy is taken, is dropped, with one log line each; the budget is exact and nothing stays RUNNING."""
+    study = population_study(tmp_path, study_name, n_trials=4, epochs=60)
+    assert hpo_cli("create", str(study), "--storage", postgres_url, "--grace", "20", env=ENV).returncode == 0
+    proc = worker(study_name, postgres_url, "--population", "4", flags=["--heartbeat", "10", "--threads", "1"])
+    try:
+        flying = wait_for(lambda: running(postgres_url, study_name, 4), "4 running members")
+        proc.send_signal(signal.SIGSTOP)
+        assert hpo_cli("grace", study_name, "1", "--storage", postgres_url, env=ENV).returncode == 0
+        time.sleep(1.5)
+        reaped = hpo_cli("reap", study_name, "--storage", postgres_url, env=ENV)
+        assert reaped.stdout.startswith("reaped 4 stale trial(s)"), reaped.stdout + reaped.stderr
+        assert hpo_cli("grace", study_name, "30", "--storage", postgres_url, env=ENV).returncode == 0
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    results = finish([proc])
+    ts = check(postgres_url, study_name, tmp_path, results, 4)
+    by = {t.number: t for t in ts}
+    assert all(by[n].state == TrialState.FAIL and by[n].user_attrs["reason"] == "reaped" for n in flying)
+    stderr = results[0][1]
+    lines = stderr.count("its result is stored on its re-queued copy") + stderr.count("was finished elsewhere")
+    assert lines == 4, stderr
+
+
 @pytest.mark.slow
 def test_postgres_stopped_for_30_s_fails_no_in_flight_trial(postgres_url: str, study_name: str, tmp_path: Path) -> None:
     pg_admin()
