@@ -329,6 +329,12 @@ def worker(
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
     population: PopulationOpt = None,
+    lock_timeout: Annotated[
+        float, typer.Option(help="Longest wait for the study's budget lock per attempt (retried), seconds.")
+    ] = 5.0,
+    lock_idle_timeout: Annotated[
+        float, typer.Option(help="A worker idle this long inside the budget lock loses it, seconds.")
+    ] = 10.0,
 ) -> None:
     """Pull trials of a study until its global budget is met (run many of these, on many machines)."""
     from hpo.worker import WorkerOptions, run_worker
@@ -346,6 +352,8 @@ def worker(
         stop_timeout=stop_timeout,
         seed_offset=seed_offset,
         population=population,
+        lock_timeout=lock_timeout,
+        lock_idle_timeout=lock_idle_timeout,
     )
     result = run_worker(spec if spec is not None else name, url, opts)
     if not quiet:

@@ -30,7 +30,8 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from hpo.storage import LOCK_TABLE, denied_reason, open_storage
+from hpo.errors import StorageError
+from hpo.storage import LOCK_TABLE, budget_lock, denied_reason, ensure_lock_table, open_storage
 
 from .conftest import _fresh_database, hpo_cli, write_study
 from .test_workers import ENV, finish, trials, wait_for
@@ -317,6 +318,46 @@ def test_budget_lock_held_15_s_by_another_connection(postgres_url: str, study_na
 
 
 @pytest.mark.slow
+def test_budget_lock_timeouts_are_settable(postgres_url: str, study_name: str) -> None:
+    """``budget_lock(wait=, idle=)`` (``hpo worker --lock-timeout / --lock-idle-timeout``): the lock's transaction
+    carries them, a busy lock is given up after ``wait`` and a holder idle for ``idle`` loses its connection."""
+    import threading
+
+    storage = open_storage(postgres_url)
+    try:
+        ensure_lock_table(storage.engine)
+        with budget_lock(storage, study_name, wait=1.5, idle=2) as conn:
+            assert conn is not None
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "1500ms"
+            assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "2s"
+        holder = threading.Thread(target=_hold_budget_lock, args=(postgres_url, study_name, 6))
+        holder.start()
+        time.sleep(1)  # the holder has it
+        stop = threading.Event()
+        stop.set()  # one attempt only
+        began = time.monotonic()
+        with pytest.raises(StorageError, match="could not take the budget lock"):
+            with budget_lock(storage, study_name, stop, wait=1, idle=10):
+                pass
+        assert 0.9 < time.monotonic() - began < 3
+        holder.join()
+        with pytest.raises(sqlalchemy.exc.DBAPIError, match="idle-in-transaction timeout"):
+            with budget_lock(storage, study_name, wait=1, idle=1) as conn:
+                assert conn is not None
+                time.sleep(2.5)  # idle inside the lock's transaction: the server ends the session
+                conn.exec_driver_sql("SELECT 1")
+    finally:
+        storage.engine.dispose()
+
+
+def test_lock_timeouts_must_be_positive(sqlite_url: str, study_name: str, tmp_path: Path) -> None:
+    study = steady_study(tmp_path, study_name, n_trials=1, seconds=0.1)
+    for flag in ("--lock-timeout", "--lock-idle-timeout"):
+        res = hpo_cli("worker", str(study), "--storage", sqlite_url, flag, "0", env=ENV)
+        assert res.returncode == 2 and res.stderr.startswith(f"error: {flag} must be a positive"), res.stderr
+        assert "Traceback" not in res.stderr
+
+
 def test_lock_holder_sigstopped_for_30_s(postgres_url: str, study_name: str, tmp_path: Path) -> None:
     """A worker frozen while it holds the budget lock loses it within LOCK_IDLE_S: the others carry on, and the
     frozen one carries on too once woken."""
@@ -484,6 +525,10 @@ def test_population_worker_whose_members_are_reaped_carries_on(
         reaped = hpo_cli("reap", study_name, "--storage", postgres_url, env=ENV)
         assert reaped.stdout.startswith("reaped 4 stale trial(s)"), reaped.stdout + reaped.stderr
         assert hpo_cli("grace", study_name, "30", "--storage", postgres_url, env=ENV).returncode == 0
+    except BaseException:
+        proc.kill()  # no worker left behind a failed check
+        proc.wait()
+        raise
     finally:
         proc.send_signal(signal.SIGCONT)
     results = finish([proc])
