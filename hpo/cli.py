@@ -339,6 +339,12 @@ def worker(
         bool, typer.Option(help="Print nothing on success (no line per trial, no progress view, no summary).")
     ] = False,
     population: PopulationOpt = None,
+    lock_timeout: Annotated[
+        float, typer.Option(help="Longest wait for the study's budget lock per attempt (retried), seconds.")
+    ] = 5.0,
+    lock_idle_timeout: Annotated[
+        float, typer.Option(help="A worker idle this long inside the budget lock loses it, seconds.")
+    ] = 10.0,
 ) -> None:
     """Pull trials of a study until its global budget is met (run many of these, on many machines).
 
@@ -379,6 +385,8 @@ def worker(
         seed_offset=seed_offset,
         population=population,
         on_trial=on_trial,
+        lock_timeout=lock_timeout,
+        lock_idle_timeout=lock_idle_timeout,
     )
     if live is not None:
         with live as poll:

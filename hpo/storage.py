@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -620,14 +621,22 @@ def _lock_statement(backend: str) -> Any:
     return ins.on_conflict_do_update(index_elements=[t.c.study_name], set_={"n": t.c.n + 1})
 
 
-_LOCK_SETTINGS = {
-    "postgresql": (  # SET LOCAL, as one statement: for this transaction only (PgBouncer's transaction pooling too)
-        f"SELECT set_config('lock_timeout', '{LOCK_WAIT_S}s', true), "
-        f"set_config('idle_in_transaction_session_timeout', '{LOCK_IDLE_S}s', true)",
-    ),
-    "mysql": (f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_S}",),
-}
-_MYSQL_IDLE = f"SET SESSION idle_transaction_timeout = {LOCK_IDLE_S}"  # MariaDB 10.3+; MySQL has none
+_LOCK_SETTINGS = ("postgresql", "mysql")
+
+
+@functools.cache
+def _lock_settings(backend: str, wait: float, idle: float) -> tuple[str, ...]:
+    """The statements that bound the budget lock's wait and its holder's idle time (:func:`budget_lock`)."""
+    if backend == "postgresql":  # SET LOCAL, as one statement: for this transaction only (PgBouncer's too)
+        return (
+            f"SELECT set_config('lock_timeout', '{round(wait * 1000)}ms', true), "
+            f"set_config('idle_in_transaction_session_timeout', '{round(idle * 1000)}ms', true)",
+        )
+    # MySQL/MariaDB take whole seconds; idle_transaction_timeout is MariaDB 10.3+'s (MySQL has none)
+    return (
+        f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(wait))}",
+        f"SET SESSION idle_transaction_timeout = {max(1, math.ceil(idle))}",
+    )
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
@@ -639,15 +648,19 @@ def is_lock_timeout(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def budget_lock(
-    storage: optuna.storages.RDBStorage, study_name: str, stop: Any = None
+    storage: optuna.storages.RDBStorage,
+    study_name: str,
+    stop: Any = None,
+    wait: float = LOCK_WAIT_S,
+    idle: float = LOCK_IDLE_S,
 ) -> Iterator[sqlalchemy.Connection | None]:
     """A lock held by one worker at a time per study, across processes and machines.
 
     PostgreSQL and MySQL/MariaDB: the study's row in :data:`LOCK_TABLE`, locked by an upsert in a READ COMMITTED
-    transaction and released by the commit (or rollback) that ends the block. Each attempt waits at most
-    :data:`LOCK_WAIT_S` seconds and is retried (for :data:`LOCK_RETRY_FOR_S`, or until ``stop`` is set); a holder
-    idle in the lock's transaction for :data:`LOCK_IDLE_S` seconds loses its connection and the lock (PostgreSQL
-    ``idle_in_transaction_session_timeout``, MariaDB ``idle_transaction_timeout``). SQLite (one machine by nature):
+    transaction and released by the commit (or rollback) that ends the block. Each attempt waits at most ``wait``
+    seconds (:data:`LOCK_WAIT_S`) and is retried (for :data:`LOCK_RETRY_FOR_S`, or until ``stop`` is set); a holder
+    idle in the lock's transaction for ``idle`` seconds (:data:`LOCK_IDLE_S`) loses its connection and the lock
+    (PostgreSQL ``idle_in_transaction_session_timeout``, MariaDB ``idle_transaction_timeout``). SQLite (one machine by nature):
     a lock file beside the database.
 
     Yields the connection that holds the lock (``None`` on SQLite): read the budget through it, in the transaction
@@ -676,11 +689,11 @@ def budget_lock(
     while True:
         conn = storage.engine.connect().execution_options(isolation_level="READ COMMITTED")
         try:
-            for stmt in _LOCK_SETTINGS[backend]:
-                conn.execute(sqlalchemy.text(stmt))
+            settings = _lock_settings(backend, wait, idle)
+            conn.execute(sqlalchemy.text(settings[0]))
             if backend == "mysql":
                 with contextlib.suppress(DBAPIError):
-                    conn.execute(sqlalchemy.text(_MYSQL_IDLE))
+                    conn.execute(sqlalchemy.text(settings[1]))
                 conn.commit()  # the settings apply to the session; the lock's transaction starts now
             conn.execute(_lock_statement(backend), {"name": study_name})
         except DBAPIError as exc:
@@ -690,7 +703,7 @@ def budget_lock(
                 raise
             if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                 raise StorageError(f"could not take the budget lock of study {study_name!r}") from None
-            log.info("budget lock of study %r busy for %d s; waiting again", study_name, LOCK_WAIT_S)
+            log.info("budget lock of study %r busy for %g s; waiting again", study_name, wait)
             continue
         try:
             yield conn

@@ -30,7 +30,8 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from hpo.storage import LOCK_TABLE, denied_reason, open_storage
+from hpo.errors import StorageError
+from hpo.storage import LOCK_TABLE, budget_lock, denied_reason, ensure_lock_table, open_storage
 
 from .conftest import _fresh_database, hpo_cli, write_study
 from .test_workers import ENV, finish, trials, wait_for
@@ -317,6 +318,46 @@ def test_budget_lock_held_15_s_by_another_connection(postgres_url: str, study_na
 
 
 @pytest.mark.slow
+def test_budget_lock_timeouts_are_settable(postgres_url: str, study_name: str) -> None:
+    """``budget_lock(wait=, idle=)`` (``hpo worker --lock-timeout / --lock-idle-timeout``): the lock's transaction
+    carries them, a busy lock is given up after ``wait`` and a holder idle for ``idle`` loses its connection."""
+    import threading
+
+    storage = open_storage(postgres_url)
+    try:
+        ensure_lock_table(storage.engine)
+        with budget_lock(storage, study_name, wait=1.5, idle=2) as conn:
+            assert conn is not None
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "1500ms"
+            assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "2s"
+        holder = threading.Thread(target=_hold_budget_lock, args=(postgres_url, study_name, 6))
+        holder.start()
+        time.sleep(1)  # the holder has it
+        stop = threading.Event()
+        stop.set()  # one attempt only
+        began = time.monotonic()
+        with pytest.raises(StorageError, match="could not take the budget lock"):
+            with budget_lock(storage, study_name, stop, wait=1, idle=10):
+                pass
+        assert 0.9 < time.monotonic() - began < 3
+        holder.join()
+        with pytest.raises(sqlalchemy.exc.DBAPIError, match="idle-in-transaction timeout"):
+            with budget_lock(storage, study_name, wait=1, idle=1) as conn:
+                assert conn is not None
+                time.sleep(2.5)  # idle inside the lock's transaction: the server ends the session
+                conn.exec_driver_sql("SELECT 1")
+    finally:
+        storage.engine.dispose()
+
+
+def test_lock_timeouts_must_be_positive(sqlite_url: str, study_name: str, tmp_path: Path) -> None:
+    study = steady_study(tmp_path, study_name, n_trials=1, seconds=0.1)
+    for flag in ("--lock-timeout", "--lock-idle-timeout"):
+        res = hpo_cli("worker", str(study), "--storage", sqlite_url, flag, "0", env=ENV)
+        assert res.returncode == 2 and res.stderr.startswith(f"error: {flag} must be a positive"), res.stderr
+        assert "Traceback" not in res.stderr
+
+
 def test_lock_holder_sigstopped_for_30_s(postgres_url: str, study_name: str, tmp_path: Path) -> None:
     """A worker frozen while it holds the budget lock loses it within LOCK_IDLE_S: the others carry on, and the
     frozen one carries on too once woken."""
@@ -431,6 +472,72 @@ def test_postgres_restart_fails_no_in_flight_trial(
     print(f"restart -m {mode}: {survived(ts, flying):.0%} of {len(flying)} in-flight trials survived")  # noqa: T201
     assert survived(ts, flying) == 1.0
     assert [t.number for t in ts if t.state == TrialState.FAIL] == []
+
+
+def population_study(tmp_path: Path, name: str, n_trials: int, epochs: int) -> Path:
+    """A spirals training study for population workers: each trial trains ``epochs`` short epochs."""
+    return write_study(
+        tmp_path / f"{name}.yaml",
+        name,
+        objective={
+            "kind": "training",
+            "data": {"source": "spirals", "n_train": 1000, "n_val": 100, "seed": 0},
+            "model": {"kind": "mlp", "layers": [16]},
+            "loss": "bce",
+            "defaults": {"batch_size": 32, "epochs": epochs, "optimizer": "adam"},
+        },
+        budget={"n_trials": n_trials},
+    )
+
+
+def test_postgres_restart_fails_no_in_flight_population_member(
+    postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """A population worker (4 members at once) through ``pg_ctl restart -m fast``: its members' attributes,
+    reports, reads and tells ride out the restart as a single trial's do; no member fails, the budget is exact."""
+    pg_admin()
+    study = population_study(tmp_path, study_name, n_trials=6, epochs=60)
+    proc = worker(study, postgres_url, "--population", "4")
+    flying = wait_for(lambda: running(postgres_url, study_name, 4), "4 running members")
+    pg_ctl("restart", "--mode", "fast")
+    results = finish([proc])
+    ts = check(postgres_url, study_name, tmp_path, results, 6)
+    print(f"population, restart -m fast: {survived(ts, flying):.0%} of {len(flying)} in-flight members survived")  # noqa: T201
+    assert [t.number for t in ts if t.state == TrialState.FAIL] == [], results[0][1]
+    assert survived(ts, flying) == 1.0
+    assert all(t.user_attrs["population"] == 4 for t in ts)
+
+
+def test_population_worker_whose_members_are_reaped_carries_on(
+    postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """A population worker SIGSTOPped while ``hpo reap`` (the study's grace period cut to 1 s) fails and re-queues
+    its 4 members: once continued it does not crash; each member's result goes to its re-queued copy or, where the
+    copy is taken, is dropped, with one log line each; the budget is exact and nothing stays RUNNING."""
+    study = population_study(tmp_path, study_name, n_trials=4, epochs=60)
+    assert hpo_cli("create", str(study), "--storage", postgres_url, "--grace", "20", env=ENV).returncode == 0
+    proc = worker(study_name, postgres_url, "--population", "4", flags=["--heartbeat", "10", "--threads", "1"])
+    try:
+        flying = wait_for(lambda: running(postgres_url, study_name, 4), "4 running members")
+        proc.send_signal(signal.SIGSTOP)
+        assert hpo_cli("grace", study_name, "1", "--storage", postgres_url, env=ENV).returncode == 0
+        time.sleep(1.5)
+        reaped = hpo_cli("reap", study_name, "--storage", postgres_url, env=ENV)
+        assert reaped.stdout.startswith("reaped 4 stale trial(s)"), reaped.stdout + reaped.stderr
+        assert hpo_cli("grace", study_name, "30", "--storage", postgres_url, env=ENV).returncode == 0
+    except BaseException:
+        proc.kill()  # no worker left behind a failed check
+        proc.wait()
+        raise
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    results = finish([proc])
+    ts = check(postgres_url, study_name, tmp_path, results, 4)
+    by = {t.number: t for t in ts}
+    assert all(by[n].state == TrialState.FAIL and by[n].user_attrs["reason"] == "reaped" for n in flying)
+    stderr = results[0][1]
+    lines = stderr.count("its result is stored on its re-queued copy") + stderr.count("was finished elsewhere")
+    assert lines == 4, stderr
 
 
 @pytest.mark.slow

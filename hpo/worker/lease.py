@@ -199,7 +199,7 @@ def take_slots(
     if opts.heartbeat_interval is not None and time.monotonic() >= _last_reap.get(name, 0.0):
         reap(study)
         _last_reap[name] = time.monotonic() + opts.heartbeat_interval
-    with budget_lock(storage, name, stop) as lock:
+    with budget_lock(storage, name, stop, opts.lock_timeout, opts.lock_idle_timeout) as lock:
         counted, running, waiting = trial_cache.budget_counts(study, storage, lock, budget)  # incremental
         n = max(0, want if budget is None else min(want, budget - counted))
         study._thread_local.cached_all_trials = None  # as Study.ask: sync with the storage once a trial

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import optuna
 
+from hpo.errors import HpoError
+
 
 @dataclass
 class WorkerOptions:
@@ -30,6 +32,15 @@ class WorkerOptions:
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None
     #: Trials trained at once, stacked (``hpo.objectives.population``); None: the study file's, else 1; or "auto".
     population: int | str | None = None
+    #: Longest wait for the study's budget lock per attempt (attempts are retried), in seconds.
+    lock_timeout: float = 5.0
+    #: A worker idle this long inside the budget lock's transaction (SIGSTOPped, its network dead) loses the lock.
+    lock_idle_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--lock-timeout", self.lock_timeout), ("--lock-idle-timeout", self.lock_idle_timeout)):
+            if not value > 0:
+                raise HpoError(f"{flag} must be a positive number of seconds, not {value:g}")
 
 
 @dataclass

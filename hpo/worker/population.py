@@ -3,6 +3,12 @@
 
 Members' trials are asked for inside the budget lock, so the population stays full and the global budget stays
 exact; one heartbeat thread records heartbeats for every running member's trial.
+
+Database blips. As in single-trial mode, members' database calls (suggestions, attributes, reports, the sampler's
+and pruner's reads) are retried for ``--db-retry-for`` seconds (:class:`hpo.worker.lease.RetryingStorage`,
+:func:`hpo.worker.lease.with_db_retry`) and tells until stored (:func:`hpo.worker.lease.tell`), so a server
+restart fails no member. A member whose trial was reaped meanwhile is dropped, or its result stored on the
+trial's re-queued copy, with one log line; the others carry on.
 """
 
 from __future__ import annotations
@@ -22,12 +28,22 @@ from optuna.trial import TrialState
 
 from hpo import space as search_space
 from hpo import threads as hpo_threads
+from hpo.errors import HpoError
 from hpo.objectives import trial_seed
 from hpo.objectives.population import ROW_BUDGET, Event, PopulationTrainer, largest_model
 from hpo.objectives.training import set_trial_attrs
 from hpo.spec import StudySpec, TrainingObjective
-from hpo.storage import quiet_optuna, store_intermediate_values
-from hpo.worker.lease import Heartbeats, created_trial, take_slots, tell, with_db_retry, worker_name
+from hpo.storage import describe_error, mask, quiet_optuna, store_intermediate_values
+from hpo.worker.lease import (
+    Heartbeats,
+    RetryingStorage,
+    created_trial,
+    is_db_error,
+    take_slots,
+    tell,
+    with_db_retry,
+    worker_name,
+)
 from hpo.worker.options import WorkerOptions, WorkerResult
 
 log = logging.getLogger(__name__)
@@ -43,15 +59,20 @@ class _StudyView:
     values. With K members those reads, not the training, dominated a population worker's time. Members' trials
     are built with this view as their study (``optuna.Trial(view, trial_id)``), so TPE reads through it too; other
     workers' trials may be up to ``ttl`` seconds old, as they always are; everything else is the study's.
+
+    Its reads and its storage's calls are retried on database errors for ``retry_for`` seconds, as a single-trial
+    worker's trial's are (:class:`hpo.worker.lease.RetryingStorage`).
     """
 
-    def __init__(self, study: optuna.Study, ttl: float = 1.0) -> None:
+    def __init__(self, study: optuna.Study, ttl: float = 1.0, retry_for: float = 0.0, url: str = "") -> None:
         self._study, self._ttl = study, ttl
+        self._retry_for, self._url = retry_for, url
         self._read_at = -math.inf
         self._stored: list[optuna.trial.FrozenTrial] = []
         self._stored_ids: set[int] = set()
         self._own: dict[int, optuna.trial.FrozenTrial] = {}  # trial id -> the trial as this worker holds it
-        self._storage = _OwnTrials(study._storage, self._own)
+        self._retrying = RetryingStorage(study._storage, retry_for, url)
+        self._storage = _OwnTrials(self._retrying, self._own)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
@@ -76,7 +97,13 @@ class _StudyView:
         self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
     ) -> list[optuna.trial.FrozenTrial]:
         if time.monotonic() - self._read_at > self._ttl:
-            self._stored = self._study._get_trials(deepcopy=False)
+            self._stored = with_db_retry(
+                "read the study's trials",
+                lambda: self._study._get_trials(deepcopy=False),
+                self._retry_for,
+                self._url,
+                reraise=True,
+            )
             self._stored_ids = {t._trial_id for t in self._stored}
             self._read_at = time.monotonic()
         own = self._own
@@ -101,7 +128,7 @@ class _StudyView:
         rungs = isinstance(self._study.pruner, optuna.pruners.SuccessiveHalvingPruner | optuna.pruners.HyperbandPruner)
         frozen = trial._cached_frozen_trial
         if rungs:
-            frozen = copy.copy(self._study._storage.get_trial(trial._trial_id))
+            frozen = copy.copy(self._retrying.get_trial(trial._trial_id))
             frozen.intermediate_values = trial._cached_frozen_trial.intermediate_values  # reports may be unstored
         return self._study.pruner.prune(self, frozen)  # type: ignore[arg-type]
 
@@ -127,10 +154,14 @@ class _Reports:
     """Members' reports (``Trial.report``), stored in batches: at most ``every`` seconds apart, and before a
     member's trial is finished or re-queued (so it is told, and copied, with all its values). ``Trial.report`` costs
     a transaction of four statements per report; K members report K times an epoch. Pruning never waits for the
-    database: it reads the values from the member's ``Trial`` (:meth:`_StudyView.should_prune`)."""
+    database: it reads the values from the member's ``Trial`` (:meth:`_StudyView.should_prune`). A store is retried
+    on database errors for ``retry_for`` seconds."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, every: float = 1.0) -> None:
+    def __init__(
+        self, storage: optuna.storages.BaseStorage, every: float = 1.0, retry_for: float = 0.0, url: str = ""
+    ) -> None:
         self.storage, self.every = storage, every
+        self.retry_for, self.url = retry_for, url
         self.pending: list[tuple[int, int, float]] = []
         self.stored_at = time.monotonic()
 
@@ -143,7 +174,14 @@ class _Reports:
 
     def store(self) -> None:
         if self.pending:
-            store_intermediate_values(self.storage, self.pending)
+            pending = self.pending
+            with_db_retry(
+                "store reports",
+                lambda: store_intermediate_values(self.storage, pending),
+                self.retry_for,
+                self.url,
+                reraise=True,
+            )
             self.pending = []
         self.stored_at = time.monotonic()
 
@@ -182,10 +220,15 @@ def run_population(
     trainer = PopulationTrainer(obj, device)
     threads = hpo_threads.for_step(largest_model(spec) * size, ROW_BUDGET, threads)  # hpo.threads: a tick's work
     live: dict[int, _Live] = {}
-    view = _StudyView(study)
-    reports = _Reports(study._storage)
+    view = _StudyView(study, retry_for=opts.db_retry_for, url=url)
+    reports = _Reports(study._storage, retry_for=opts.db_retry_for, url=url)
     me = worker_name()
     asking = True
+
+    def set_attrs(trial: optuna.Trial, values: dict[str, Any]) -> None:
+        """A member's user attributes, retried for ``--db-retry-for`` (one transaction; setting them twice, after
+        a lost answer, stores the same rows)."""
+        with_db_retry("store a trial's attributes", lambda: set_trial_attrs(trial, values), opts.db_retry_for, url)
 
     def finish(number: int, state: TrialState, value: float | None = None) -> None:
         with_db_retry("store reports", reports.store, max(opts.db_retry_for, 300.0), url)
@@ -218,11 +261,18 @@ def run_population(
             values = {"seed": seed, "device": device, "threads": threads, "worker": me, "population": size}
             if inherited.get("reason") is not None:  # the copy's outcome is its own
                 values["reason"] = None
-            set_trial_attrs(trial, values)
+            set_attrs(trial, values)
             trainer.add(trial.number, params, seed)
+        except optuna.exceptions.UpdateFinishedTrialError:  # reaped before it started: its copy runs elsewhere
+            log.warning("trial %d was finished elsewhere (reaped) before it started; dropping it", trial.number)
+            _drop(live, beats, trainer, trial.number, result)
+        except HpoError:  # the database stayed away for --db-retry-for
+            raise
         except Exception as exc:  # the trial's own mistake (bad parameters): recorded, the others carry on
+            if is_db_error(exc):
+                raise
             log.exception("trial %d failed", trial.number)
-            set_trial_attrs(trial, {"reason": "error", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            set_attrs(trial, {"reason": "error", "error": f"{type(exc).__name__}: {exc}"[:500]})
             finish(trial.number, TrialState.FAIL)
 
     def refill() -> bool:
@@ -250,7 +300,7 @@ def run_population(
         for what, v in (("training", r.train_loss), ("validation", r.val_loss)):
             if not math.isfinite(v):
                 log.info("trial %d diverged: %s loss became %s in epoch %d", number, what, v, r.epoch)
-                set_trial_attrs(
+                set_attrs(
                     trial,
                     {
                         "reason": "diverged",
@@ -265,7 +315,7 @@ def run_population(
         value = r.metric(metric)
         reports.add(trial, value, r.epoch)
         if view.should_prune(trial):
-            set_trial_attrs(trial, {"epochs_reached": r.epoch, "train_loss": item.curve, "reason": "pruned"})
+            set_attrs(trial, {"epochs_reached": r.epoch, "train_loss": item.curve, "reason": "pruned"})
             finish(number, TrialState.PRUNED)
             return
         if ev.final:
@@ -278,7 +328,7 @@ def run_population(
             }
             if obj.evaluate_test:
                 values["test_accuracy"] = trainer.test_accuracy(number)
-            set_trial_attrs(trial, values)
+            set_attrs(trial, values)
             finish(number, TrialState.COMPLETE, value)
 
     with Heartbeats(storage, opts.heartbeat_interval, url) as beats, hpo_threads.use(threads) as threads:
@@ -296,12 +346,15 @@ def run_population(
                         log.warning("trial %d was finished elsewhere (reaped) while it ran; dropping it", number)
                         if number in live:
                             _drop(live, beats, trainer, number, result)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):  # the database may be what failed
                 reports.store()
             for number in list(live):  # a bug or a database lost for good: these trials run again elsewhere
                 _requeue(study, live[number].trial, "error", opts, url)
                 _drop(live, beats, trainer, number, result)
+            if isinstance(exc, Exception) and is_db_error(exc):  # retried for --db-retry-for: one line, no traceback
+                cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+                raise HpoError(f"database {mask(url)} unavailable: {describe_error(cause or exc, url)}") from None
             raise
         if stop.is_set():
             with_db_retry("store reports", reports.store, max(opts.db_retry_for, 300.0), url)
