@@ -1,5 +1,5 @@
 """README's first command, run as written on a fresh clone of the committed tree: it installs hpo in a new virtual
-environment and runs the lesson's study on the embedded SQLite default. (The second command, the tests, is what
+environment, runs the lesson's study on the embedded SQLite default and writes its report. (The second command, the tests, is what
 ``.ci/run`` runs.)"""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_starts_with_the_two_commands() -> None:
     run, test = readme_commands()
-    assert "hpo run studies/spirals-optimizer.yaml" in run and "pip install torch==2.13.0" in run
+    assert "hpo run studies/lesson.yaml && hpo report lesson" in run and "pip install torch==2.13.0" in run
     assert test.endswith("pytest") and "pip install -q torch==2.13.0" in test
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci, ".ci/run must run README's test command word for word"
@@ -42,6 +42,8 @@ def test_readme_main_command_on_a_fresh_clone(tmp_path: Path) -> None:
     res = subprocess.run(["bash", "-c", run], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "best trial #" in res.stdout
-    study = optuna.load_study(study_name="spirals-optimizer", storage=f"sqlite:///{clone / 'hpo.db'}")
+    study = optuna.load_study(study_name="lesson", storage=f"sqlite:///{clone / 'hpo.db'}")
     finished = [t for t in study.trials if t.state.is_finished()]
-    assert len(finished) == load_spec(clone / "studies" / "spirals-optimizer.yaml").budget.n_trials
+    assert len(finished) == load_spec(clone / "studies" / "lesson.yaml").budget.n_trials
+    report = (clone / "lesson.html").read_text()
+    assert "supported" in report or "refuted" in report
