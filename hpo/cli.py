@@ -357,22 +357,7 @@ def worker(
     spec, url, name = _spec_and_url(study, storage)
     if spec is not None:
         _preflight(spec, Path(study), population)
-    live = None
-    on_trial = None
-    if not quiet and err.is_terminal:
-        if spec is not None:
-            create(spec, url)
-        budget = n_trials if n_trials is not None else (spec.budget.n_trials if spec is not None else None)
-        live = StudyProgress(name, url, budget, console=err)
-    elif not quiet:
-        on_trial = TrialLog(spec.metric if spec is not None else "value")
-        from hpo.render import visible
-        from hpo.storage import mask
-
-        on_trial.log.info(
-            "worker %s:%d: pulling trials of %s from %s", os.uname().nodename, os.getpid(), visible(name), mask(url)
-        )
-    opts = WorkerOptions(
+    opts = WorkerOptions(  # checks its own values: before anything is written or logged
         heartbeat_interval=heartbeat,
         grace_period=grace,
         max_retry=max_retry,
@@ -384,10 +369,23 @@ def worker(
         stop_timeout=stop_timeout,
         seed_offset=seed_offset,
         population=population,
-        on_trial=on_trial,
         lock_timeout=lock_timeout,
         lock_idle_timeout=lock_idle_timeout,
     )
+    live = None
+    if not quiet and err.is_terminal:
+        if spec is not None:
+            create(spec, url)
+        budget = n_trials if n_trials is not None else (spec.budget.n_trials if spec is not None else None)
+        live = StudyProgress(name, url, budget, console=err)
+    elif not quiet:
+        opts.on_trial = trial_log = TrialLog(spec.metric if spec is not None else "value")
+        from hpo.render import visible
+        from hpo.storage import mask
+
+        trial_log.log.info(
+            "worker %s:%d: pulling trials of %s from %s", os.uname().nodename, os.getpid(), visible(name), mask(url)
+        )
     if live is not None:
         with live as poll:
             opts.on_trial = lambda _t: poll()
