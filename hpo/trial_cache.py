@@ -134,8 +134,8 @@ class WindowedSampler(optuna.samplers.BaseSampler):
         backend = getattr(storage, "_backend", None)
         if backend is None or not hasattr(backend, "_get_trials") or study._is_multi_objective():
             return study  # an in-memory study, or several objectives: the whole study
-        with _windows_lock:
-            per_study = _windows.setdefault(storage, {})
+        with _windows_lock:  # keyed by the database backend: a trial may see the study through a wrapper of its own
+            per_study = _windows.setdefault(backend, {})
             window = per_study.get(study._study_id)
             if window is None:
                 window = TrialWindow(backend, study._study_id, study.direction, self.recent, self.best)
