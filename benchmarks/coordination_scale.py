@@ -32,36 +32,18 @@ import os
 import random
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from worker_throughput import fresh_database  # noqa: E402  (a throw-away database, as the worker benchmark makes)
 
 
 def objective(x: float) -> float:
     return (x - 2.0) ** 2
-
-
-@contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-
-    url = make_url(admin_url)
-    name = f"hpo_bench_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        engine.dispose()
 
 
 def fill(engine: Any, study_id: int, start: int, stop: int, rng: random.Random) -> None:
