@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from scipy.stats import qmc
-
 from hpo.spec import DesignSpec, FloatParam, IntParam
 
 SWEEP, SAMPLE = "sweep", "sample"
@@ -48,6 +46,8 @@ def sample_points(design: DesignSpec, space: dict[str, Any]) -> list[dict[str, A
     if design.sample is None:
         return []
     names = design.sample.params
+    from scipy.stats import qmc  # scipy.stats takes ~1 s to import: only a study with a design pays it
+
     sobol = qmc.Sobol(d=len(names), scramble=True, seed=design.sample.seed)
     u = sobol.random(design.sample.n)
     out = []

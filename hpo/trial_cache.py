@@ -15,7 +15,8 @@ one (and those still unfinished), as Optuna's own cache does, but keeps only the
 sampler's work grows with the study. A study smaller than ``recent`` is seen whole: sampling is unchanged for it.
 
 Hooked in by :func:`hpo.samplers.make_sampler` for TPE (single objective). Each worker's :class:`optuna.Study` has
-its own window (keyed by its storage object), shared by the threads that use that study.
+its own window (keyed by its database backend: each trial may see the study through a wrapper of its own), shared by
+the threads that use that study.
 """
 
 from __future__ import annotations

@@ -531,6 +531,25 @@ class RetryingStorage:
         return call
 
 
+class OwnTrials:
+    """The study's storage, with ``get_trial`` of the worker's own trials answered from memory (``own``: trial id ->
+    the trial as its ``Trial`` holds it; Optuna updates that copy on every suggestion, report and user attribute).
+    Optuna reads a trial back when it builds a ``Trial`` and again when it is told: two reads of six statements each
+    per trial, a quarter of a trivial trial's time. Both loops, single-trial and population, read through it.
+    The database stays the judge: telling a trial that another worker reaped meanwhile fails on its state, and the
+    worker then reads what is stored (:func:`hpo.worker.tell_finished`)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, own: dict[int, optuna.trial.FrozenTrial]) -> None:
+        self._inner, self._own = storage, own
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        own = self._own.get(trial_id)
+        return own if own is not None else self._inner.get_trial(trial_id)
+
+
 def agree_on_grace(study: optuna.Study, opts: WorkerOptions) -> WorkerOptions:
     """This worker's options with the study's grace period (:func:`study_grace`), and a heartbeat interval of at most
     half of it (a worker that beat less often would look dead to the others between two beats)."""
@@ -581,6 +600,8 @@ def tell(
             return (frozen if frozen is not None else real._storage.get_trial(trial._trial_id)), done
         if attrs:
             set_trial_user_attrs(real._storage, trial._trial_id, attrs)
+            if getattr(trial, "_cached_frozen_trial", None) is not None:
+                trial._cached_frozen_trial.user_attrs.update(attrs)  # the trial as stored, for what tell returns
         with quiet_optuna():
             try:
                 return tell_finished(study, trial, state, value)

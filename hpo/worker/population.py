@@ -36,6 +36,7 @@ from hpo.spec import StudySpec, TrainingObjective
 from hpo.storage import describe_error, mask, quiet_optuna, store_intermediate_values
 from hpo.worker.lease import (
     Heartbeats,
+    OwnTrials,
     RetryingStorage,
     created_trial,
     is_db_error,
@@ -72,7 +73,7 @@ class _StudyView:
         self._stored_ids: set[int] = set()
         self._own: dict[int, optuna.trial.FrozenTrial] = {}  # trial id -> the trial as this worker holds it
         self._retrying = RetryingStorage(study._storage, retry_for, url)
-        self._storage = _OwnTrials(self._retrying, self._own)
+        self._storage = OwnTrials(self._retrying, self._own)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
@@ -131,23 +132,6 @@ class _StudyView:
             frozen = copy.copy(self._retrying.get_trial(trial._trial_id))
             frozen.intermediate_values = trial._cached_frozen_trial.intermediate_values  # reports may be unstored
         return self._study.pruner.prune(self, frozen)  # type: ignore[arg-type]
-
-
-class _OwnTrials:
-    """The study's storage, with ``get_trial`` of the worker's own trials answered from memory: Optuna reads a
-    trial back when it builds a ``Trial`` and again when it is told (two reads of six statements each per trial).
-    The database stays the judge: telling a trial that another worker reaped meanwhile fails on its state, and the
-    worker then reads what is stored (:func:`hpo.worker.tell_finished`)."""
-
-    def __init__(self, storage: optuna.storages.BaseStorage, own: dict[int, optuna.trial.FrozenTrial]) -> None:
-        self._inner, self._own = storage, own
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        own = self._own.get(trial_id)
-        return own if own is not None else self._inner.get_trial(trial_id)
 
 
 class _Reports:

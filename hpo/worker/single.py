@@ -29,9 +29,11 @@ from hpo.storage import describe_error, open_storage, quiet_optuna, set_trial_us
 from hpo.threads import budget as thread_budget
 from hpo.worker.lease import (
     Heartbeats,
+    OwnTrials,
     RetryingStorage,
     abandon_live,
     agree_on_grace,
+    created_trial,
     is_db_error,
     take_slots,
     tell,
@@ -240,10 +242,19 @@ def _next_trial(
         if ids:
             # The trial's own calls (reports, attributes, the sampler's and pruner's reads) ride out a database
             # blip: retried for --db-retry-for seconds (:class:`hpo.worker.lease.RetryingStorage`).
+            # Its own reads are answered from memory (:class:`hpo.worker.lease.OwnTrials`); ``view._study`` is the
+            # study itself, for what must be read from the database (:func:`hpo.worker.lease.tell`).
+            own: dict[int, optuna.trial.FrozenTrial] = {}
+            created = created_trial(study, ids[0])  # a new trial, as Optuna's cache holds it; None: read it
+            if created is not None:
+                own[ids[0]] = created
             view = copy.copy(study)
-            view._storage = RetryingStorage(study._storage, opts.db_retry_for, url, stop)  # type: ignore[assignment]
+            view._storage = OwnTrials(RetryingStorage(study._storage, opts.db_retry_for, url, stop), own)  # type: ignore[assignment]
+            view._study = study  # type: ignore[attr-defined]
             with quiet_optuna():
-                return optuna.Trial(view, ids[0])
+                trial = optuna.Trial(view, ids[0])
+            own[ids[0]] = trial._cached_frozen_trial
+            return trial
         if running == 0 or opts.heartbeat_interval is None:
             return None
         # The budget is taken, but trials still run: wait for them, reaping any whose worker died.
@@ -326,5 +337,5 @@ def _run_one(
                 reason, error = "error", f"{type(exc).__name__}: {exc}"[:500]
     attrs = {k: v for k, v in (("reason", reason), ("error", error)) if v is not None}
     value = value if state == TrialState.COMPLETE else None
-    frozen, _ = tell(study, trial, state, value, opts, url, attrs, requeue=outcome != "done")
+    frozen, _ = tell(trial.study, trial, state, value, opts, url, attrs, requeue=outcome != "done")
     return frozen, outcome
