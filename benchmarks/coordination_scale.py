@@ -13,9 +13,10 @@ side, the sides alternating round by round (Optuna, hpo, hpo, Optuna, ...) so th
 both alike. Per trial:
 
 * plain Optuna: ``study.ask()``, ``suggest_float``, ``study.tell(trial, value)``;
-* hpo: a slot under the study's budget lock (``hpo.worker.take_slots``: budget count, new RUNNING trial and its
-  heartbeat in one transaction), the trial's parameters through ``hpo.space.suggest``, its four user attributes in
-  one statement, ``study.tell``.
+* hpo: what a worker does (``hpo.worker.lease``): a slot under the study's budget lock (``take_slots``: budget
+  count, new RUNNING trial and its heartbeat in one transaction), the trial on the lease's view of the study
+  (``open_trial``: its own reads answered from memory), its parameters through ``hpo.space.suggest``, its four user
+  attributes in one statement, ``tell_finished``.
 
 Statements are counted with SQLAlchemy's ``before_cursor_execute`` event on the shared engine.
 
@@ -129,18 +130,20 @@ class Side:
             trial = study.ask()
             study.tell(trial, objective(trial.suggest_float("x", -10.0, 10.0)))
             return
-        import optuna
+        from optuna.trial import TrialState
 
         from hpo import space
         from hpo.storage import set_trial_user_attrs
-        from hpo.worker import take_slots
+        from hpo.worker.lease import open_trial, take_slots, tell_finished
 
         ids, _ = take_slots(study, self.name, None, self.backend, self.opts)
-        trial = optuna.Trial(study, ids[0])
+        trial = open_trial(study, ids[0], self.opts.db_retry_for, self.url)
         params = space.suggest(trial, self.spec.space)
         attrs = {"seed": trial.number, "device": "cpu", "threads": 1, "worker": f"sim:{client}"}
         set_trial_user_attrs(study._storage, trial._trial_id, attrs)
-        study.tell(trial, objective(params["x"]))
+        trial._cached_frozen_trial.user_attrs.update(attrs)
+        _, stored = tell_finished(trial.study, trial, TrialState.COMPLETE, objective(params["x"]))
+        assert stored
 
     def warm_up(self) -> None:
         """One untimed trial per client: every client's cache reads what was inserted since its last turn."""

@@ -151,7 +151,9 @@ def test_a_worker_reads_the_study_once_and_never_reads_its_own_trials_back(
     assert trial_reads == [], f"the worker read its own trials back: {trial_reads}"
     stored = optuna.load_study(study_name=study_name, storage=postgres_url).get_trials()
     assert sorted(t.number for t in stored if t.state == TrialState.COMPLETE) == list(range(15))
-    assert all(t.user_attrs["worker"] and len(t.intermediate_values) == 3 for t in stored)  # reports and attributes kept
+    assert all(
+        t.user_attrs["worker"] and len(t.intermediate_values) == 3 for t in stored
+    )  # reports and attributes kept
 
 
 def test_coordination_scale_benchmark_quick() -> None:

@@ -550,6 +550,27 @@ class OwnTrials:
         return own if own is not None else self._inner.get_trial(trial_id)
 
 
+def open_trial(
+    study: optuna.Study, trial_id: int, retry_for: float, url: str = "", stop: threading.Event | None = None
+) -> optuna.Trial:
+    """The ``optuna.Trial`` of a slot :func:`take_slots` gave this worker, on a view of the study whose storage
+    retries the trial's calls (reports, attributes, the sampler's and pruner's reads) for ``retry_for`` seconds, so it
+    rides out a database blip (:class:`RetryingStorage`), and answers reads of the trial itself from memory
+    (:class:`OwnTrials`). ``trial.study._study`` is the study itself, for what must be read from the database
+    (:func:`tell`). Tell it with ``tell(trial.study, trial, ...)``."""
+    own: dict[int, optuna.trial.FrozenTrial] = {}
+    created = created_trial(study, trial_id)  # a new trial, as Optuna's cache holds it; None: read it
+    if created is not None:
+        own[trial_id] = created
+    view = copy.copy(study)
+    view._storage = OwnTrials(RetryingStorage(study._storage, retry_for, url, stop), own)  # type: ignore[assignment]
+    view._study = study  # type: ignore[attr-defined]
+    with quiet_optuna():
+        trial = optuna.Trial(view, trial_id)
+    own[trial_id] = trial._cached_frozen_trial
+    return trial
+
+
 def agree_on_grace(study: optuna.Study, opts: WorkerOptions) -> WorkerOptions:
     """This worker's options with the study's grace period (:func:`study_grace`), and a heartbeat interval of at most
     half of it (a worker that beat less often would look dead to the others between two beats)."""

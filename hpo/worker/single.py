@@ -7,7 +7,6 @@ worker exits 0. A second signal exits at once (status 130); heartbeats then reap
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -25,16 +24,14 @@ from hpo.errors import HpoError
 from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_seed
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec
-from hpo.storage import describe_error, open_storage, quiet_optuna, set_trial_user_attrs
+from hpo.storage import describe_error, open_storage, set_trial_user_attrs
 from hpo.threads import budget as thread_budget
 from hpo.worker.lease import (
     Heartbeats,
-    OwnTrials,
-    RetryingStorage,
     abandon_live,
     agree_on_grace,
-    created_trial,
     is_db_error,
+    open_trial,
     take_slots,
     tell,
     with_db_retry,
@@ -240,21 +237,7 @@ def _next_trial(
     while not stop.is_set():
         ids, running = take_slots(study, name, budget, storage, opts, stop=stop)
         if ids:
-            # The trial's own calls (reports, attributes, the sampler's and pruner's reads) ride out a database
-            # blip: retried for --db-retry-for seconds (:class:`hpo.worker.lease.RetryingStorage`).
-            # Its own reads are answered from memory (:class:`hpo.worker.lease.OwnTrials`); ``view._study`` is the
-            # study itself, for what must be read from the database (:func:`hpo.worker.lease.tell`).
-            own: dict[int, optuna.trial.FrozenTrial] = {}
-            created = created_trial(study, ids[0])  # a new trial, as Optuna's cache holds it; None: read it
-            if created is not None:
-                own[ids[0]] = created
-            view = copy.copy(study)
-            view._storage = OwnTrials(RetryingStorage(study._storage, opts.db_retry_for, url, stop), own)  # type: ignore[assignment]
-            view._study = study  # type: ignore[attr-defined]
-            with quiet_optuna():
-                trial = optuna.Trial(view, ids[0])
-            own[ids[0]] = trial._cached_frozen_trial
-            return trial
+            return open_trial(study, ids[0], opts.db_retry_for, url, stop)
         if running == 0 or opts.heartbeat_interval is None:
             return None
         # The budget is taken, but trials still run: wait for them, reaping any whose worker died.
