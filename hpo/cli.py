@@ -65,6 +65,19 @@ PopulationOpt = Annotated[
         help="Trials trained at once, stacked: a number or auto (default: the file's population.size, else 1)."
     ),
 ]
+DbRetryOpt = Annotated[float, typer.Option(min=0, max=86400, help="Seconds to keep retrying an unavailable database.")]
+StopTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        max=86400,
+        help="Seconds after SIGTERM before a trial that did not stop is re-queued and the worker exits.",
+    ),
+]
+LockTimeoutOpt = Annotated[
+    float, typer.Option(help="Longest wait for the study's budget lock per attempt (retried), seconds.")
+]
+LockIdleOpt = Annotated[float, typer.Option(help="A worker idle this long inside the budget lock loses it, seconds.")]
 
 
 def _user_errors(fn: F) -> F:
@@ -164,6 +177,10 @@ def run(
     grace: GraceOpt = None,
     max_retry: RetryOpt = 2,
     population: PopulationOpt = None,
+    db_retry_for: DbRetryOpt = 120.0,
+    stop_timeout: StopTimeoutOpt = 30.0,
+    lock_timeout: LockTimeoutOpt = 5.0,
+    lock_idle_timeout: LockIdleOpt = 10.0,
 ) -> None:
     """Create or resume a study and run it to its budget, with a progress bar; print the best trial."""
     from hpo.spec import load_spec
@@ -174,6 +191,13 @@ def run(
     spec = load_spec(study_file)
     url = resolve_url(storage, spec.storage)
     _preflight(spec, study_file, population)
+    fault_opts = {  # checked before anything is written: WorkerOptions checks its own values
+        "db_retry_for": db_retry_for,
+        "stop_timeout": stop_timeout,
+        "lock_timeout": lock_timeout,
+        "lock_idle_timeout": lock_idle_timeout,
+    }
+    WorkerOptions(**fault_opts)  # type: ignore[arg-type]
     create(spec, url, grace=grace if grace is not None else 2 * heartbeat)
     budget = n_trials if n_trials is not None else spec.budget.n_trials
     if n_trials is None and "budget" not in spec.model_fields_set:
@@ -198,13 +222,14 @@ def run(
                 timeout=timeout,
                 on_trial=lambda _t: poll(),
                 population=population,
+                **fault_opts,  # type: ignore[arg-type]
             )
             result = run_worker(spec, url, opts)
             stopped = result.interrupted
         else:
             stopped = _run_processes(
                 study_file, url, workers, threads, device, n_trials, timeout, heartbeat, grace, max_retry, poll,
-                population=population,
+                population=population, fault_opts=fault_opts,
             )  # fmt: skip
     _summary(spec.name, url)
     out.print(
@@ -230,8 +255,11 @@ def _run_processes(
     max_retry: int,
     poll: Callable[[], None],
     population: str | None = None,
+    fault_opts: dict[str, float] | None = None,
 ) -> bool:
     cmd = [sys.executable, "-m", "hpo", "worker", str(study_file), "--threads", str(threads), "--device", device]
+    for key, value in (fault_opts or {}).items():  # --db-retry-for, --stop-timeout, --lock-timeout, ...
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     cmd += ["--heartbeat", str(heartbeat), "--max-retry", str(max_retry), "--quiet"]
     if grace is not None:
         cmd += ["--grace", str(grace)]
@@ -318,17 +346,8 @@ def worker(
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = None,
     max_retry: RetryOpt = 2,
-    db_retry_for: Annotated[
-        float, typer.Option(min=0, max=86400, help="Seconds to keep retrying an unavailable database.")
-    ] = 120.0,
-    stop_timeout: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=86400,
-            help="Seconds after SIGTERM before a trial that did not stop is re-queued and the worker exits.",
-        ),
-    ] = 30.0,
+    db_retry_for: DbRetryOpt = 120.0,
+    stop_timeout: StopTimeoutOpt = 30.0,
     seed_offset: Annotated[
         int | None,
         typer.Option(
@@ -339,12 +358,8 @@ def worker(
         bool, typer.Option(help="Print nothing on success (no line per trial, no progress view, no summary).")
     ] = False,
     population: PopulationOpt = None,
-    lock_timeout: Annotated[
-        float, typer.Option(help="Longest wait for the study's budget lock per attempt (retried), seconds.")
-    ] = 5.0,
-    lock_idle_timeout: Annotated[
-        float, typer.Option(help="A worker idle this long inside the budget lock loses it, seconds.")
-    ] = 10.0,
+    lock_timeout: LockTimeoutOpt = 5.0,
+    lock_idle_timeout: LockIdleOpt = 10.0,
 ) -> None:
     """Pull trials of a study until its global budget is met (run many of these, on many machines).
 

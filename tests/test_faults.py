@@ -219,6 +219,29 @@ def test_objective_ignoring_stop_is_requeued_after_the_stop_timeout(
     assert [t.state for t in ts if t.user_attrs.get("requeued_from") == stopped.number] == [TrialState.WAITING]
 
 
+def test_hpo_run_forwards_the_stop_timeout_to_its_workers(postgres_url: str, study_name: str, tmp_path: Path) -> None:
+    """``hpo run --workers 2`` takes the worker's fault options (--stop-timeout, --db-retry-for, --lock-timeout,
+    --lock-idle-timeout) and gives them to each worker: with objectives that never call check_stop(), SIGTERM ends
+    the run after --stop-timeout (3 s here, not the default 30 s), both trials failed and re-queued once."""
+    study = steady_study(tmp_path, study_name, 4, seconds=120, ignore_stop=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "hpo", "run", str(study), "--workers", "2", "--stop-timeout", "3",
+         "--lock-timeout", "2", "--lock-idle-timeout", "8", "--db-retry-for", "60"],
+        env={**os.environ, **ENV, "HPO_STORAGE": postgres_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    wait_for(lambda: len(started(tmp_path)) >= 2, "both workers to start a trial")
+    signalled = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    results = finish([run], timeout=60)
+    assert time.monotonic() - signalled < 20
+    ts = check(postgres_url, study_name, tmp_path, results, None)
+    assert sorted(t.user_attrs.get("reason") for t in ts if t.state == TrialState.FAIL) == ["interrupted"] * 2
+    assert len([t for t in ts if t.state == TrialState.WAITING and "requeued_from" in t.user_attrs]) == 2
+
+
 # --------------------------------------------------------------------------- reaping: one grace period per study
 
 
@@ -352,10 +375,13 @@ def test_budget_lock_timeouts_are_settable(postgres_url: str, study_name: str) -
 
 def test_lock_timeouts_must_be_positive(sqlite_url: str, study_name: str, tmp_path: Path) -> None:
     study = steady_study(tmp_path, study_name, n_trials=1, seconds=0.1)
-    for flag in ("--lock-timeout", "--lock-idle-timeout"):
-        res = hpo_cli("worker", str(study), "--storage", sqlite_url, flag, "0", env=ENV)
-        assert res.returncode == 2 and res.stderr.startswith(f"error: {flag} must be a positive"), res.stderr
-        assert "Traceback" not in res.stderr
+    for command in ("worker", "run"):
+        for flag in ("--lock-timeout", "--lock-idle-timeout"):
+            res = hpo_cli(command, str(study), "--storage", sqlite_url, flag, "0", env=ENV)
+            assert res.returncode == 2 and res.stderr.startswith(f"error: {flag} must be a positive"), res.stderr
+            assert "Traceback" not in res.stderr
+    with pytest.raises(KeyError):  # refused before anything was written
+        optuna.load_study(study_name=study_name, storage=sqlite_url)
 
 
 def test_lock_holder_sigstopped_for_30_s(postgres_url: str, study_name: str, tmp_path: Path) -> None:
