@@ -274,9 +274,8 @@ def _run_processes(
 def _summary(name: str, url: str) -> None:
     import optuna
 
-    from hpo.storage import open_storage
-
     from hpo.progress import metric_names
+    from hpo.storage import open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(url))
     names = metric_names(study)
@@ -515,7 +514,9 @@ def evaluate(
     _, url, name = _spec_and_url(study, storage)
     s, spec = load(name, open_storage(url))
     if trial is None and spec.multi_objective:
-        raise StudyError(f"study {name!r} has several objectives: pick a trial of its Pareto front (hpo best) with --trial")
+        raise StudyError(
+            f"study {name!r} has several objectives: pick a trial of its Pareto front (hpo best) with --trial"
+        )
     try:
         frozen = s.best_trial if trial is None else next(t for t in s.get_trials(deepcopy=False) if t.number == trial)
     except (ValueError, StopIteration):

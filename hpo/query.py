@@ -251,7 +251,9 @@ def study_params(storage_url: str, study: str) -> list[str]:
     return param_names(storage, _study_id(storage, study, storage_url))
 
 
-def _frame(trials: Sequence[FrozenTrial], names: Sequence[str] = (), metrics: Sequence[str] = ("value",)) -> pd.DataFrame:
+def _frame(
+    trials: Sequence[FrozenTrial], names: Sequence[str] = (), metrics: Sequence[str] = ("value",)
+) -> pd.DataFrame:
     rows = [_row(t, metrics) for t in trials]
     df = pd.DataFrame(rows)
     if df.empty:
@@ -425,9 +427,7 @@ def load_study(storage_url: str, study: str) -> optuna.Study:
         return optuna.load_study(study_name=study, storage=storage)
 
 
-def importances(
-    storage_url: str, study: str | optuna.Study, seed: int = 0, objective: int = 0
-) -> dict[str, float]:
+def importances(storage_url: str, study: str | optuna.Study, seed: int = 0, objective: int = 0) -> dict[str, float]:
     """Parameter importances (Optuna's fANOVA evaluator, seeded), most important first; with several objectives,
     for the ``objective``-th metric (default the first).
 

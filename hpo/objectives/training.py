@@ -471,4 +471,6 @@ def evaluate_on_test(spec: Any, frozen: optuna.trial.FrozenTrial) -> tuple[float
     params = space.suggest(optuna.trial.FixedTrial(frozen.params, frozen.number), spec.space)
     seed = int(frozen.user_attrs.get("seed", 0))
     model, history = train(obj, params, seed, device=str(frozen.user_attrs.get("device", "cpu")))
-    return history[-1].metric(spec.metric_names[0]), test_accuracy(obj, model, str(frozen.user_attrs.get("device", "cpu")))
+    return history[-1].metric(spec.metric_names[0]), test_accuracy(
+        obj, model, str(frozen.user_attrs.get("device", "cpu"))
+    )
