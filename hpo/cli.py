@@ -399,6 +399,8 @@ def worker(
         budget = n_trials if n_trials is not None else (spec.budget.n_trials if spec is not None else None)
         live = StudyProgress(name, url, budget, console=err)
     elif not quiet:
+        if spec is not None:  # a file that disagrees with the stored study: its error is the only line
+            create(spec, url)
         opts.on_trial = trial_log = TrialLog(spec.metric_names if spec is not None else "value")
         from hpo.render import visible
         from hpo.storage import mask

@@ -654,6 +654,14 @@ def _pareto(ctx: _Study) -> go.Figure:
     if len(names) > 3:
         names, targets = names[:2], (lambda t: t.values[:2])
     fig = optuna.visualization.plot_pareto_front(_FrontView(ctx.study), target_names=names, targets=targets)  # type: ignore[arg-type]
+    for trace in fig.data:  # Optuna colours by trial number, which leaves early trials white: one colour each
+        on_front = "Best Trial" in str(trace.hovertemplate)
+        trace.update(
+            name=f"Pareto front ({len(trace.x)} trials)" if on_front else "other trials",
+            showlegend=True,
+            marker={"color": RED if on_front else GREY, "size": 10 if on_front else 7, "colorscale": None,
+                    "showscale": False, "line": {"color": "white", "width": 0.5}},
+        )  # fmt: skip
     against = " against ".join(f"{m} ({d.name.lower()})" for m, d in zip(names, ctx.study.directions, strict=False))
     fig.update_layout(
         title={
