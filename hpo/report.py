@@ -143,6 +143,7 @@ class _Study:
         # Several objectives: every figure but the Pareto front shows the first metric (trials seen with it alone).
         self.trials = [_first_metric(t) for t in study.get_trials(deepcopy=False)]
         self.front = query.front(study) if self.multi else []
+        self.complete_all = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         self.metric = self.metrics[0] if self.multi else str(study.user_attrs.get("metric") or self.metrics[0])
         self.maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
         self.complete = [t for t in self.trials if t.state == TrialState.COMPLETE and t.value is not None]
@@ -662,6 +663,11 @@ def _pareto(ctx: _Study) -> go.Figure:
             marker={"color": RED if on_front else GREY, "size": 10 if on_front else 7, "colorscale": None,
                     "showscale": False, "line": {"color": "white", "width": 0.5}},
         )  # fmt: skip
+    if len(names) == 2:  # a compute metric spans decades (ms to s): log axes where the values allow
+        for i, axis in enumerate(("xaxis", "yaxis")):
+            values = [t.values[i] for t in ctx.complete_all]
+            if values and min(values) > 0 and max(values) / min(values) > 100:
+                fig.update_layout({axis: {"type": "log"}})
     against = " against ".join(f"{m} ({d.name.lower()})" for m, d in zip(names, ctx.study.directions, strict=False))
     fig.update_layout(
         title={
