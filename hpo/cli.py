@@ -745,7 +745,9 @@ def importance(
     if not rows and fmt == OutputFormat.table:
         out.print(f"study {lit(name)}: fewer than 2 completed trials, no importances yet", highlight=False)
         return
-    _emit(rows, fmt, f"parameter importances of {name}", ["param", "importance"])
+    metrics = query.study_metrics(url, name)
+    of = f" for {metrics[0]}, the first of its metrics" if len(metrics) > 1 else ""
+    _emit(rows, fmt, f"parameter importances of {name}{of}", ["param", "importance"])
 
 
 @app.command()

@@ -251,6 +251,16 @@ def study_params(storage_url: str, study: str) -> list[str]:
     return param_names(storage, _study_id(storage, study, storage_url))
 
 
+def study_metrics(storage_url: str, study: str) -> list[str]:
+    """A study's metric names, one per objective (:func:`metric_names`).
+
+    Raises:
+        StudyError: no such study.
+    """
+    storage = _storage(storage_url)
+    return metric_names(storage, _study_id(storage, study, storage_url))
+
+
 def _frame(
     trials: Sequence[FrozenTrial], names: Sequence[str] = (), metrics: Sequence[str] = ("value",)
 ) -> pd.DataFrame:
