@@ -302,9 +302,29 @@ def _run_processes(
 def _summary(name: str, url: str) -> None:
     import optuna
 
+    from hpo.progress import metric_names
     from hpo.storage import open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(url))
+    names = metric_names(study)
+    if len(names) > 1:  # several objectives: the Pareto front, sorted by the first metric
+        front = sorted(study.best_trials, key=lambda t: (t.values[0], t.number))
+        if study.directions[0].name == "MAXIMIZE":
+            front.reverse()
+        if not front:
+            out.print(f"study {lit(name)}: no completed trial yet")
+            return
+        against = " against ".join(f"{lit(m)} ({d.name.lower()})" for m, d in zip(names, study.directions, strict=True))
+        out.print(
+            f"Pareto front of {against}: {len(front)} trials, none beaten in every metric",
+            highlight=False,
+            soft_wrap=True,
+        )
+        for t in front:
+            values = "  ".join(f"{lit(m)} = {v:.4g}" for m, v in zip(names, t.values, strict=True))
+            params = ", ".join(f"{lit(k)}={lit(v)}" for k, v in t.params.items())
+            out.print(f"  #{t.number}: {values}  ({params})", highlight=False, soft_wrap=True)
+        return
     try:
         best = study.best_trial
     except ValueError:
@@ -394,7 +414,9 @@ def worker(
         budget = n_trials if n_trials is not None else (spec.budget.n_trials if spec is not None else None)
         live = StudyProgress(name, url, budget, console=err)
     elif not quiet:
-        opts.on_trial = trial_log = TrialLog(spec.metric if spec is not None else "value")
+        if spec is not None:  # a file that disagrees with the stored study: its error is the only line
+            create(spec, url)
+        opts.on_trial = trial_log = TrialLog(spec.metric_names if spec is not None else "value")
         from hpo.render import visible
         from hpo.storage import mask
 
@@ -508,20 +530,25 @@ def evaluate(
 
     _, url, name = _spec_and_url(study, storage)
     s, spec = load(name, open_storage(url))
+    if trial is None and spec.multi_objective:
+        raise StudyError(
+            f"study {name!r} has several objectives: pick a trial of its Pareto front (hpo best) with --trial"
+        )
     try:
         frozen = s.best_trial if trial is None else next(t for t in s.get_trials(deepcopy=False) if t.number == trial)
     except (ValueError, StopIteration):
         raise StudyError(f"study {name!r} has no {'completed trial' if trial is None else f'trial {trial}'}") from None
-    if frozen.value is None:
+    if frozen.values is None:
         raise StudyError(f"trial {frozen.number} of {name!r} has no value (state {frozen.state.name})")
+    metric, stored = spec.metric_names[0], frozen.values[0]  # several objectives: the first metric
     value, test = evaluate_on_test(spec, frozen)
     # single-trial mode reproduces bit for bit; a population member's arithmetic differs in rounding only (1e-5)
     tolerance = 1e-5 if frozen.user_attrs.get("population") else 0.0
-    reproduced = abs(value - frozen.value) <= tolerance
-    record = {"trial": frozen.number, "reproduced": reproduced, spec.metric: value, "test_accuracy": test}
+    reproduced = abs(value - stored) <= tolerance
+    record = {"trial": frozen.number, "reproduced": reproduced, metric: value, "test_accuracy": test}
     s.set_user_attr("test_evaluation", record)
     out.print(
-        f"trial #{frozen.number}: stored {lit(spec.metric)} {frozen.value:.6g}, re-run {value:.6g} "
+        f"trial #{frozen.number}: stored {lit(metric)} {stored:.6g}, re-run {value:.6g} "
         f"({'reproduced' if reproduced else 'DIFFERS'}); test accuracy {test:.4f}",
         highlight=False,
     )
@@ -683,10 +710,14 @@ def best(
     study: Annotated[str, typer.Argument(help="Study name or file.")],
     storage: StorageOpt = None,
     fmt: FormatOpt = OutputFormat.table,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many of the best trials.")] = 1,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", "-n", min=1, help="How many of the best trials (default 1; several objectives: all)."),
+    ] = None,
     columns: ColumnsOpt = None,
 ) -> None:
-    """The best COMPLETE trial(s) of a study, best first (JSON: the schema of ``hpo trials -f json``)."""
+    """The best COMPLETE trial(s) of a study, best first (JSON: the schema of ``hpo trials -f json``); a study with
+    several objectives: its Pareto front, sorted by the first metric."""
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
@@ -701,14 +732,15 @@ def best(
     flat = [
         {
             "number": r["number"],
-            "value": r["value"],
+            **(r["values"] if "values" in r else {"value": r["value"]}),  # several objectives: a column per metric
             **{f"params_{k}": r["params"].get(k) for k in names},
             "duration": r["duration"],
             "seed": r["user_attrs"].get("seed"),
         }
         for r in rows
     ]
-    _emit(flat, fmt, f"best trials of {name}", wanted=columns)
+    front = bool(rows) and "values" in rows[0]
+    _emit(flat, fmt, f"Pareto front of {name}" if front else f"best trials of {name}", wanted=columns)
 
 
 @app.command()
@@ -723,12 +755,14 @@ def importance(
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
-    imps = query.importances(url, name)
+    imps = query.importances(url, name)  # several objectives: the first metric's
     rows = [{"param": k, "importance": v} for k, v in list(imps.items())[:limit]]
     if not rows and fmt == OutputFormat.table:
         out.print(f"study {lit(name)}: fewer than 2 completed trials, no importances yet", highlight=False)
         return
-    _emit(rows, fmt, f"parameter importances of {name}", ["param", "importance"])
+    metrics = query.study_metrics(url, name)
+    of = f" for {metrics[0]}, the first of its metrics" if len(metrics) > 1 else ""
+    _emit(rows, fmt, f"parameter importances of {name}{of}", ["param", "importance"])
 
 
 @app.command()

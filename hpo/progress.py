@@ -30,11 +30,30 @@ from hpo.render import visible
 TRIAL_LOG = "hpo.trials"
 
 
-def trial_line(t: FrozenTrial, metric: str = "value") -> str:
-    """``trial 3 COMPLETE val_accuracy=0.8734 in 1.2s`` (+ ``reason=...``, and the error of a failed trial)."""
+def metric_names(study: Any) -> list[str]:
+    """A study's metric names, one per objective: as hpo stores them (Optuna's ``set_metric_names``), else its
+    ``metric`` attribute, else ``value`` (``value_0``, ``value_1``, ... for several). ``study``: an
+    :class:`optuna.Study` or a :class:`optuna.study.FrozenStudy`."""
+    n = len(study.directions)
+    if isinstance(study, optuna.Study):
+        names = study.metric_names
+    else:
+        names = study.system_attrs.get("study:metric_names")  # where Optuna keeps them
+    if names and len(names) == n:
+        return [str(x) for x in names]
+    stored = str(study.user_attrs.get("metric") or "").split(",")
+    if len(stored) == n and all(stored):
+        return stored
+    return ["value"] if n == 1 else [f"value_{i}" for i in range(n)]
+
+
+def trial_line(t: FrozenTrial, metric: str | list[str] = "value") -> str:
+    """``trial 3 COMPLETE val_accuracy=0.8734 in 1.2s`` (+ ``reason=...``, and the error of a failed trial); several
+    objectives: ``val_accuracy=0.61 train_seconds=1.2``, one per name of ``metric``."""
     parts = [f"trial {t.number} {t.state.name}"]
-    if t.values is not None and len(t.values) == 1:
-        parts.append(f"{visible(metric)}={t.values[0]:.6g}")
+    names = [metric] if isinstance(metric, str) else metric
+    if t.values is not None and len(t.values) == len(names):
+        parts += [f"{visible(m)}={v:.6g}" for m, v in zip(names, t.values, strict=True)]
     if t.datetime_start is not None and t.datetime_complete is not None:
         parts.append(f"in {(t.datetime_complete - t.datetime_start).total_seconds():.1f}s")
     reason = t.user_attrs.get("reason")
@@ -65,7 +84,7 @@ def trial_logger(stream: Any = None) -> logging.Logger:
 class TrialLog:
     """``on_trial`` callback of a worker (:class:`hpo.worker.WorkerOptions`): one log line per finished trial."""
 
-    def __init__(self, metric: str = "value", logger: logging.Logger | None = None) -> None:
+    def __init__(self, metric: str | list[str] = "value", logger: logging.Logger | None = None) -> None:
         self.metric = metric
         self.log = logger or trial_logger()
 
@@ -94,7 +113,7 @@ class StudyProgress:
         self.storage = storage
         self.last = 0.0
         self.seen: set[int] = set()
-        self.metric = "value"
+        self.metric: list[str] = ["value"]
         self.console = console or Console(stderr=True)
         self.bar = Progress(
             TextColumn("{task.description}"),
@@ -113,7 +132,7 @@ class StudyProgress:
 
         storage = self.storage if self.storage is not None else open_storage(self.url)
         self.study = optuna.load_study(study_name=self.name, storage=storage)
-        self.metric = str(self.study.user_attrs.get("metric") or "value")
+        self.metric = metric_names(self.study)
         if self.budget is None:
             stored = self.study.user_attrs.get("budget") or {}
             self.budget = stored.get("n_trials") if isinstance(stored, dict) else None
@@ -139,7 +158,9 @@ class StudyProgress:
                 self.bar.console.print(trial_line(t, self.metric), highlight=False, markup=False, soft_wrap=True)
         self.seen.update(t.number for t in done)
         best = ""
-        if complete:
+        if complete and len(self.metric) > 1:  # several objectives: the size of the Pareto front
+            best = f"front {len(self.study.best_trials)}  "
+        elif complete:
             pick = max if self.study.direction.name == "MAXIMIZE" else min
             best = f"best {pick(t.value for t in complete):.4g}  "
         self.bar.update(self.task, completed=len(done), info=f"{best}pruned {pruned}  failed {failed}")
@@ -151,4 +172,4 @@ class StudyProgress:
             self.bar.stop()
 
 
-__all__ = ["TRIAL_LOG", "StudyProgress", "TrialLog", "trial_line", "trial_logger"]
+__all__ = ["TRIAL_LOG", "StudyProgress", "TrialLog", "metric_names", "trial_line", "trial_logger"]

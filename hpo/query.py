@@ -163,13 +163,33 @@ def _checkpoint_bytes(conn: sa.Connection) -> dict[int, int]:
     return sizes
 
 
-def _row(t: FrozenTrial) -> dict[str, Any]:
+def metric_names(storage: optuna.storages.BaseStorage, study_id: int) -> list[str]:
+    """A stored study's metric names, one per objective (:func:`hpo.progress.metric_names`)."""
+    from types import SimpleNamespace
+
+    from hpo.progress import metric_names as names_of
+
+    return names_of(
+        SimpleNamespace(
+            directions=storage.get_study_directions(study_id),
+            system_attrs=storage.get_study_system_attrs(study_id),
+            user_attrs=storage.get_study_user_attrs(study_id),
+        )
+    )
+
+
+def _value_columns(metrics: Sequence[str]) -> list[str]:
+    """``value`` for one objective; one column per metric name for several."""
+    return list(metrics) if len(metrics) > 1 else ["value"]
+
+
+def _row(t: FrozenTrial, metrics: Sequence[str] = ("value",)) -> dict[str, Any]:
     duration = t.duration.total_seconds() if t.duration is not None else None
-    row: dict[str, Any] = {
-        "number": t.number,
-        "state": t.state.name,
-        "value": t.value if t.values is not None and len(t.values) == 1 else (t.values and list(t.values)),
-    }
+    row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+    if len(metrics) > 1:
+        row.update((m, t.values[i] if t.values is not None else None) for i, m in enumerate(metrics))
+    else:
+        row["value"] = t.value if t.values is not None and len(t.values) == 1 else (t.values and list(t.values))
     for k, v in sorted(t.params.items()):
         row[f"params_{k}"] = v if not isinstance(v, list | tuple) else str(list(v))
     row.update(
@@ -184,17 +204,22 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
     return row
 
 
-def trial_record(t: FrozenTrial) -> dict[str, Any]:
+def trial_record(t: FrozenTrial, metrics: Sequence[str] = ()) -> dict[str, Any]:
     """One trial in the schema that ``hpo trials -f json`` and ``hpo best -f json`` share (see the README).
 
     Keys: ``number``, ``state``, ``value`` (a list for several objectives, None unless finished with one),
     ``params`` (name -> value), ``datetime_start``, ``datetime_complete`` (ISO 8601 or None), ``duration``
-    (seconds or None), ``user_attrs`` (every user attribute: seed, device, threads, reason, ...).
+    (seconds or None), ``user_attrs`` (every user attribute: seed, device, threads, reason, ...); with several
+    ``metrics`` (the study's names) also ``values``: metric name -> value (None where the trial has none).
     """
+    named = {}
+    if len(metrics) > 1:
+        named = {"values": {m: (t.values[i] if t.values is not None else None) for i, m in enumerate(metrics)}}
     return {
         "number": t.number,
         "state": t.state.name,
         "value": t.value if t.values is not None and len(t.values) == 1 else (t.values and list(t.values)),
+        **named,
         "params": dict(t.params),
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
@@ -226,15 +251,27 @@ def study_params(storage_url: str, study: str) -> list[str]:
     return param_names(storage, _study_id(storage, study, storage_url))
 
 
-def _frame(trials: Sequence[FrozenTrial], names: Sequence[str] = ()) -> pd.DataFrame:
-    rows = [_row(t) for t in trials]
+def study_metrics(storage_url: str, study: str) -> list[str]:
+    """A study's metric names, one per objective (:func:`metric_names`).
+
+    Raises:
+        StudyError: no such study.
+    """
+    storage = _storage(storage_url)
+    return metric_names(storage, _study_id(storage, study, storage_url))
+
+
+def _frame(
+    trials: Sequence[FrozenTrial], names: Sequence[str] = (), metrics: Sequence[str] = ("value",)
+) -> pd.DataFrame:
+    rows = [_row(t, metrics) for t in trials]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(
             columns=[
                 "number",
                 "state",
-                "value",
+                *_value_columns(metrics),
                 *(f"params_{n}" for n in names),
                 "datetime_start",
                 "datetime_complete",
@@ -245,7 +282,7 @@ def _frame(trials: Sequence[FrozenTrial], names: Sequence[str] = ()) -> pd.DataF
     for n in names:  # the study's parameters, whichever trials were read
         if f"params_{n}" not in df:
             df[f"params_{n}"] = None
-    fixed = ["number", "state", "value"]
+    fixed = ["number", "state", *_value_columns(metrics)]
     params = sorted(c for c in df.columns if c.startswith("params_"))
     rest = [c for c in df.columns if c not in fixed and c not in params]
     return df[fixed + params + rest].reset_index(drop=True)
@@ -278,15 +315,16 @@ def trials(
         limit: at most this many trials (the first by number); only these are loaded.
 
     Returns:
-        Columns ``number``, ``state``, ``value``, ``params_<name>`` ... (one per parameter of the study, whatever
-        ``limit`` and ``states``), ``datetime_start``, ``datetime_complete``, ``duration`` (seconds),
-        ``epochs_reached``, ``reason``, ``seed``, ``device``, ``worker``.
+        Columns ``number``, ``state``, ``value`` (several objectives: one column per metric name, in the study's
+        order, instead), ``params_<name>`` ... (one per parameter of the study, whatever ``limit`` and ``states``),
+        ``datetime_start``, ``datetime_complete``, ``duration`` (seconds), ``epochs_reached``, ``reason``, ``seed``,
+        ``device``, ``worker``.
 
     Raises:
         StudyError: no such study.
     """
     storage, sid, frozen = _load_trials(storage_url, study, states, limit)
-    return _frame(frozen, param_names(storage, sid))
+    return _frame(frozen, param_names(storage, sid), metric_names(storage, sid))
 
 
 def trial_records(
@@ -300,7 +338,9 @@ def trial_records(
     Raises:
         StudyError: no such study.
     """
-    return [trial_record(t) for t in _load_trials(storage_url, study, states, limit)[2]]
+    storage, sid, frozen = _load_trials(storage_url, study, states, limit)
+    metrics = metric_names(storage, sid)
+    return [trial_record(t, metrics) for t in frozen]
 
 
 def _load_trials(
@@ -325,19 +365,24 @@ def _direction(storage: optuna.storages.RDBStorage, sid: int, study: str) -> opt
     return directions[0]
 
 
-def best(storage_url: str, study: str, n: int = 1) -> list[dict[str, Any]]:
-    """The ``n`` best COMPLETE trials, best first (empty list if none completed).
+def best(storage_url: str, study: str, n: int | None = None) -> list[dict[str, Any]]:
+    """The ``n`` best COMPLETE trials (default 1), best first (empty list if none completed); a study with several
+    objectives: its Pareto front (Optuna's ``study.best_trials``, every trial of it unless ``n``), sorted by the
+    first metric, best first.
 
     ``n == 1`` is Optuna's own best-trial query; for more, only (trial id, value) pairs are read to rank them.
 
     Returns:
         :func:`trial_record` dicts (``number``, ``state``, ``value``, ``params``, ``datetime_start``,
-        ``datetime_complete``, ``duration``, ``user_attrs``).
+        ``datetime_complete``, ``duration``, ``user_attrs``; several objectives: ``values`` by metric name too).
     """
-    if n < 1:
+    if n is not None and n < 1:
         raise HpoError(f"n must be >= 1 (got {n})")
     storage = _storage(storage_url)
     sid = _study_id(storage, study, storage_url)
+    if len(storage.get_study_directions(sid)) > 1:
+        return _front(storage, study, sid)[:n]
+    n = 1 if n is None else n
     direction = _direction(storage, sid, study)
     if n == 1:
         try:
@@ -365,6 +410,21 @@ def best(storage_url: str, study: str, n: int = 1) -> list[dict[str, Any]]:
     return [trial_record(t) for t in chosen]
 
 
+def front(study: optuna.Study) -> list[FrozenTrial]:
+    """A multi-objective study's Pareto front (``study.best_trials``), sorted by the first metric, best first."""
+    trials = sorted(study.best_trials, key=lambda t: (t.values[0], t.number))
+    if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE:
+        trials = sorted(trials, key=lambda t: (-t.values[0], t.number))
+    return trials
+
+
+def _front(storage: optuna.storages.RDBStorage, study: str, sid: int) -> list[dict[str, Any]]:
+    with quiet_optuna():
+        s = optuna.load_study(study_name=study, storage=storage)
+    metrics = metric_names(storage, sid)
+    return [trial_record(t, metrics) for t in front(s)]
+
+
 def load_study(storage_url: str, study: str) -> optuna.Study:
     """The whole study, read-only (for reports and hypotheses).
 
@@ -377,18 +437,20 @@ def load_study(storage_url: str, study: str) -> optuna.Study:
         return optuna.load_study(study_name=study, storage=storage)
 
 
-def importances(storage_url: str, study: str | optuna.Study, seed: int = 0) -> dict[str, float]:
-    """Parameter importances (Optuna's fANOVA evaluator, seeded), most important first.
+def importances(storage_url: str, study: str | optuna.Study, seed: int = 0, objective: int = 0) -> dict[str, float]:
+    """Parameter importances (Optuna's fANOVA evaluator, seeded), most important first; with several objectives,
+    for the ``objective``-th metric (default the first).
 
     Returns an empty dict when fewer than two trials completed or no parameter varies.
     """
     s = study if isinstance(study, optuna.Study) else load_study(storage_url, study)
     complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2 or len(s.directions) != 1:
+    if len(complete) < 2 or not 0 <= objective < len(s.directions):
         return {}
+    target = (lambda t: t.values[objective]) if len(s.directions) > 1 else None
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-        result = optuna.importance.get_param_importances(s, evaluator=evaluator)
+        result = optuna.importance.get_param_importances(s, evaluator=evaluator, target=target)
     except (ValueError, RuntimeError):
         return {}
     return {k: float(v) for k, v in result.items() if not math.isnan(v)}

@@ -10,8 +10,12 @@ hyperparameters matter most (seeded fANOVA, the same numbers as ``hpo importance
 table; a short glossary. A study with no COMPLETE trial gets an honest report saying so.
 
 :func:`figures` returns the same figures as plotly objects, by key (``effect-<param>``, ``interaction``,
-``optimizer``, ``grokking-curves``, ``grokking-steps``, ``curves``, ``importances``, ``history``); the HTML id of
-each plot is ``plot-<key>``.
+``optimizer``, ``grokking-curves``, ``grokking-steps``, ``curves``, ``importances``, ``history``, and ``pareto`` for
+a study with several objectives); the HTML id of each plot is ``plot-<key>``.
+
+A study with several objectives (``metrics:``) gets "Accuracy against compute: the Pareto front" first (Optuna's
+Pareto-front plot); its best-trials table is the front; the other figures show its first metric, and the importances
+are computed for each metric.
 
 Example:
     >>> from hpo.report import write_report
@@ -21,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import html
 import math
 import re
@@ -38,6 +43,7 @@ from plotly.offline import get_plotlyjs
 from hpo import query
 from hpo.errors import HpoError, SpecError
 from hpo.hypotheses import Verdict, check
+from hpo.progress import metric_names
 from hpo.render import visible
 from hpo.spec import Prediction, StudySpec, parse_spec
 
@@ -131,10 +137,15 @@ class _Study:
 
     def __init__(self, study: optuna.Study, spec: StudySpec | None) -> None:
         self.study = study
-        self.trials = study.get_trials(deepcopy=False)
         self.spec = spec if spec is not None else _stored_spec(study)
-        self.metric = str(study.user_attrs.get("metric") or (self.spec.metric if self.spec else "value"))
-        self.maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        self.metrics = metric_names(study)
+        self.multi = len(self.metrics) > 1
+        # Several objectives: every figure but the Pareto front shows the first metric (trials seen with it alone).
+        self.trials = [_first_metric(t) for t in study.get_trials(deepcopy=False)]
+        self.front = query.front(study) if self.multi else []
+        self.complete_all = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        self.metric = self.metrics[0] if self.multi else str(study.user_attrs.get("metric") or self.metrics[0])
+        self.maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
         self.complete = [t for t in self.trials if t.state == TrialState.COMPLETE and t.value is not None]
         self.dists = _distributions(self.complete)
         obj = self.spec.objective if self.spec else None
@@ -158,6 +169,15 @@ class _Study:
         others = [f"{_label(k)} {_sig(v)}" for k, v in design.baseline.items() if k != name]
         seeds = f"{design.seeds} seeds per point"
         return f"{seeds}; others at the baseline: " + ", ".join(others) if others else seeds
+
+
+def _first_metric(t: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """A trial of several objectives as one of its first metric alone (``t.value`` works); others as they are."""
+    if t.values is None or len(t.values) == 1:
+        return t
+    first = copy.copy(t)
+    first.values = [t.values[0]]
+    return first
 
 
 def _stored_spec(study: optuna.Study) -> StudySpec | None:
@@ -584,11 +604,87 @@ def _importances(imps: dict[str, float]) -> go.Figure:
     return fig
 
 
+def _importances_per_metric(per_metric: dict[str, dict[str, float]]) -> go.Figure:
+    """Several objectives: one bar per hyperparameter and metric (fANOVA on each metric, seed 0)."""
+    first = next(iter(per_metric.values()))
+    names = list(first)[::-1] + sorted({k for imps in per_metric.values() for k in imps} - set(first))
+    fig = go.Figure()
+    for metric, imps in per_metric.items():
+        fig.add_trace(
+            go.Bar(
+                x=[imps.get(k, 0.0) for k in names],
+                y=[_label(k) for k in names],
+                orientation="h",
+                name=visible(metric),
+                text=[_sig(imps.get(k)) for k in names],
+                textposition="auto",
+            )
+        )
+    fig.update_layout(
+        title={"text": "Which hyperparameters matter most, for each metric (fANOVA importance, seed 0)"},
+        xaxis_title="share of the metric's variance explained",
+        barmode="group",
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+class _FrontView:
+    """What ``plot_pareto_front`` reads of a study (its directions and complete trials), with each trial's user
+    attributes cut to the few worth a hover (not the per-epoch curve)."""
+
+    SHOWN = ("seed", "epochs_reached", "optimizer_steps", "samples_seen", "train_seconds")
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.directions = study.directions
+        self._trials = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            light = copy.copy(t)
+            light.user_attrs = {k: t.user_attrs[k] for k in self.SHOWN if k in t.user_attrs}
+            self._trials.append(light)
+
+    def get_trials(self, deepcopy: bool = False, states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self._trials if states is None or t.state in states]
+
+
+def _pareto(ctx: _Study) -> go.Figure:
+    """Optuna's Pareto-front plot, metric names on the axes, the front highlighted, parameters in the hover (the
+    first two metrics where there are more than three)."""
+    names = [visible(m) for m in ctx.metrics]
+    targets = None
+    if len(names) > 3:
+        names, targets = names[:2], (lambda t: t.values[:2])
+    fig = optuna.visualization.plot_pareto_front(_FrontView(ctx.study), target_names=names, targets=targets)  # type: ignore[arg-type]
+    for trace in fig.data:  # Optuna colours by trial number, which leaves early trials white: one colour each
+        on_front = "Best Trial" in str(trace.hovertemplate)
+        trace.update(
+            name=f"Pareto front ({len(trace.x)} trials)" if on_front else "other trials",
+            showlegend=True,
+            marker={"color": RED if on_front else GREY, "size": 10 if on_front else 7, "colorscale": None,
+                    "showscale": False, "line": {"color": "white", "width": 0.5}},
+        )  # fmt: skip
+    if len(names) == 2:  # a compute metric spans decades (ms to s): log axes where the values allow
+        for i, axis in enumerate(("xaxis", "yaxis")):
+            values = [t.values[i] for t in ctx.complete_all]
+            if values and min(values) > 0 and max(values) / min(values) > 100:
+                fig.update_layout({axis: {"type": "log"}})
+    against = " against ".join(f"{m} ({d.name.lower()})" for m, d in zip(names, ctx.study.directions, strict=False))
+    fig.update_layout(
+        title={
+            "text": f"The Pareto front: {html.escape(against)}<br><sup>{len(ctx.front)} trials on the front "
+            "(none of the others is better in every metric); hover a point for its parameters</sup>"
+        }
+    )
+    return fig
+
+
 def _figures(ctx: _Study) -> dict[str, go.Figure]:
     figs: dict[str, go.Figure] = {}
     if not ctx.complete and not ctx.grokking:
         return figs
-    imps = query.importances("", ctx.study) if ctx.complete else {}
+    if ctx.multi:
+        figs["pareto"] = _pareto(ctx)
+    imps = query.importances("", ctx.study) if ctx.complete else {}  # several objectives: the first metric's
     order = [k for k in imps if k in ctx.dists] + sorted(k for k in ctx.dists if k not in imps)
     for name in order:
         dist = ctx.dists[name]
@@ -618,10 +714,16 @@ def _figures(ctx: _Study) -> dict[str, go.Figure]:
         curves = _curves(ctx)
         if curves is not None:
             figs["curves"] = curves
-    if len(imps) > 1:  # one hyperparameter explains everything by definition
+    if len(imps) > 1 and ctx.multi:  # one bar per metric
+        per_metric = {m: query.importances("", ctx.study, objective=i) for i, m in enumerate(ctx.metrics)}
+        figs["importances"] = _importances_per_metric({m: v for m, v in per_metric.items() if v})
+    elif len(imps) > 1:  # one hyperparameter explains everything by definition
         figs["importances"] = _importances(imps)
     if ctx.complete and getattr(ctx.spec, "design", None) is None:
-        figs["history"] = optuna.visualization.plot_optimization_history(ctx.study, target_name=ctx.metric)
+        first = (lambda t: t.values[0]) if ctx.multi else None
+        figs["history"] = optuna.visualization.plot_optimization_history(
+            ctx.study, target=first, target_name=ctx.metric
+        )
     for fig in figs.values():
         fig.update_layout(template="plotly_white", margin={"l": 60, "r": 30, "t": 80, "b": 60})
         if fig.layout.height is None:
@@ -716,7 +818,30 @@ def _verdict_html(v: Verdict) -> str:
     )
 
 
+def _front_summary(ctx: _Study) -> list[str]:
+    """Several objectives: the front in words, from its two ends (best first metric, best second)."""
+    dirs = [d.name.lower() for d in ctx.study.directions]
+    what = ", ".join(f"{m} ({d})" for m, d in zip(ctx.metrics, dirs, strict=True))
+    lines = [
+        f"{len(ctx.front)} of {len(ctx.complete)} complete trials form the Pareto front of {what}: for each of them "
+        "no other trial is better in every metric."
+    ]
+    for i in range(min(2, len(ctx.metrics))):
+        sign = -1.0 if dirs[i] == "maximize" else 1.0
+        end = min(ctx.front, key=lambda t: (sign * t.values[i], t.number))
+        values = ", ".join(f"{m} {_sig(v)}" for m, v in zip(ctx.metrics, end.values, strict=True))
+        params = ", ".join(f"{_label(k)} {_sig(v)}" for k, v in sorted(end.params.items()))
+        lines.append(f"Best {ctx.metrics[i]} on the front: trial #{end.number} ({values}) with {params}.")
+    lines.append(
+        f"The sections on each hyperparameter, the learning rate x batch size plot and the search history show "
+        f"{ctx.metric}, the first metric; the importances are computed for each metric."
+    )
+    return lines
+
+
 def _summary(ctx: _Study, imps_top: str | None, verdicts: list[Verdict]) -> list[str]:
+    if ctx.multi:
+        return _front_summary(ctx) + ([imps_top] if imps_top else [])
     best = sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[0]  # type: ignore[arg-type,return-value]
     params = ", ".join(f"{_label(k)} {_sig(v)}" for k, v in sorted(best.params.items()))
     chance = f" (chance is {_sig(ctx.chance)})" if ctx.chance is not None else ""
@@ -732,12 +857,15 @@ def _summary(ctx: _Study, imps_top: str | None, verdicts: list[Verdict]) -> list
 
 
 def _best_table(ctx: _Study) -> str:
-    top = sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[:10]  # type: ignore[arg-type,return-value]
+    """The ten best trials; several objectives: every trial of the Pareto front, by the first metric."""
+    top = ctx.front or sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[:10]  # type: ignore[arg-type,return-value]
     names = sorted({k for t in top for k in t.params})
-    head = ["trial", ctx.metric, *[_label(k) for k in names], "seed", "duration (s)"]
+    metrics = ctx.metrics if ctx.multi else [ctx.metric]
+    head = ["trial", *metrics, *[_label(k) for k in names], "seed", "duration (s)"]
     rows = []
     for t in top:
-        cells = [str(t.number), _sig(t.value), *[_sig(t.params.get(k)) for k in names], _sig(t.user_attrs.get("seed"))]
+        cells = [str(t.number), *[_sig(v) for v in t.values], *[_sig(t.params.get(k)) for k in names]]
+        cells.append(_sig(t.user_attrs.get("seed")))
         cells.append(_sig(t.duration.total_seconds()) if t.duration is not None else "")
         rows.append("<tr>" + "".join(f"<td class='num'>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return (
@@ -771,7 +899,8 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
         f"<h1>Study {title}</h1>"
         + (f"<p>{html.escape(visible(desc))}</p>" if desc else "")
-        + f"<p class='meta'>direction {study.direction.name.lower()}, metric {html.escape(ctx.metric)};"
+        + f"<p class='meta'>direction {', '.join(d.name.lower() for d in study.directions)}, metric "
+        f"{html.escape(visible(', '.join(ctx.metrics) if ctx.multi else ctx.metric))};"
         f" {len(trials)} trials: {html.escape(count_txt)}. Generated {now}.</p>"
     )
     if not ctx.complete:
@@ -788,12 +917,13 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
 
     verdicts = check(study, _predictions(study, ctx.spec))
     figs = _figures(ctx)
-    imps = query.importances("", study)
+    imps = query.importances("", study)  # several objectives: the first metric's
     imps_top = None
     if len(imps) > 1:
         ranked = list(imps.items())
         imps_top = (
-            f"{_label(ranked[0][0])} matters most (importance {_sig(ranked[0][1])})"
+            f"{_label(ranked[0][0])} matters most{f' to {ctx.metric}' if ctx.multi else ''} "
+            f"(importance {_sig(ranked[0][1])})"
             + ("; then " + ", ".join(f"{_label(k)} ({_sig(v)})" for k, v in ranked[1:4]) if len(ranked) > 1 else "")
             + "."
         )
@@ -805,12 +935,21 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     if verdicts:
         out.append("".join(_verdict_html(v) for v in verdicts))
     out.append("</div>")
+    if "pareto" in figs:
+        out.append(
+            "<h2 id='pareto'>Accuracy against compute: the Pareto front</h2><p>Each dot is a complete trial; the "
+            "highlighted ones form the front: to do better in one metric than a trial on it, a trial has to do worse "
+            "in another. Where the front bends is where more compute stops buying accuracy.</p>"
+        )
+        out.append(_plot(figs, "pareto"))
     by_param: dict[str, list[Verdict]] = {}
     for v in verdicts:
         by_param.setdefault(v.param, []).append(v)
     effects = [k for k in figs if k.startswith("effect-")]
     if effects:
         out.append("<h2 id='hyperparameters'>What does each hyperparameter do?</h2>")
+        if ctx.multi:
+            out.append(f"<p>These plots show {html.escape(visible(ctx.metric))}, the study's first metric.</p>")
     for key in effects:
         name = next((n for n in ctx.dists if f"effect-{_SAFE.sub('_', n)}" == key), key[7:])
         out.append(f"<h3>{html.escape(_label(name))}</h3>")
@@ -841,7 +980,8 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         out.append(_plot(figs, "importances"))
     if "history" in figs:
         out.append("<h2 id='search'>The search</h2>" + _plot(figs, "history"))
-    out.append("<h2 id='best'>Best trials</h2>" + _best_table(ctx))
+    best_title = "Best trials: the Pareto front" if ctx.multi else "Best trials"
+    out.append(f"<h2 id='best'>{best_title}</h2>" + _best_table(ctx))
     out.append(
         "<h2 id='glossary'>Glossary</h2><dl>"
         + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _GLOSSARY)

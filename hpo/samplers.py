@@ -18,6 +18,8 @@ _CLASSES: dict[str, str] = {
     "qmc": "QMCSampler",
     "gp": "GPSampler",
     "nsga2": "NSGAIISampler",
+    "nsgaii": "NSGAIISampler",
+    "nsga3": "NSGAIIISampler",
 }
 
 

@@ -346,7 +346,7 @@ ObjectiveSpec = Annotated[
 # --------------------------------------------------------------------------- sampler, pruner, budget
 
 
-SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2")
+SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2", "nsgaii", "nsga3")
 PRUNERS: tuple[str, ...] = (
     "none",
     "median",
@@ -360,7 +360,7 @@ PRUNERS: tuple[str, ...] = (
 
 
 class SamplerSpec(_Strict):
-    name: Literal["tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2"] = "tpe"
+    name: Literal["tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2", "nsgaii", "nsga3"] = "tpe"
     seed: int | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -500,6 +500,15 @@ def check_params(space: dict[str, Any], params: Any) -> str | None:
 
 
 TRAINING_METRICS: tuple[str, ...] = ("val_accuracy", "val_error", "val_loss", "train_loss")
+#: What a training trial cost, reported beside its accuracy; objectives of a multi-objective study (``metrics:``)
+#: only: ``train_seconds`` (wall time of the training loop), ``optimizer_steps`` (epochs x ceil(n_train / batch
+#: size): what the batch size changes, the same on any machine) and ``samples_seen`` (epochs x n_train).
+COMPUTE_METRICS: tuple[str, ...] = ("train_seconds", "optimizer_steps", "samples_seen")
+#: Column names of ``hpo trials`` / ``hpo best`` that a metric of a multi-objective study may not take.
+RESERVED_COLUMNS: frozenset[str] = frozenset(
+    "number state value datetime_start datetime_complete duration epochs_reached reason seed device worker".split()
+)
+Direction = Literal["minimize", "maximize"]
 
 
 class StudySpec(_Strict):
@@ -508,8 +517,12 @@ class StudySpec(_Strict):
     name: str = Field(min_length=1, max_length=512)
     description: str | None = None
     storage: str | None = None
-    direction: Literal["minimize", "maximize"] = "maximize"
+    direction: Direction = "maximize"
     metric: str = "val_accuracy"
+    #: Several objectives (``directions: [maximize, minimize]``, ``metrics: [val_accuracy, train_seconds]``), in
+    #: place of ``direction:`` / ``metric:``; read both forms through :attr:`metric_names` and :attr:`directions_list`.
+    directions: list[Direction] | None = None
+    metrics: list[str] | None = None
     objective: ObjectiveSpec
     space: dict[str, ParamSpec] = Field(default_factory=dict)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -525,6 +538,17 @@ class StudySpec(_Strict):
     def _user_objective_defaults(cls, data: Any) -> Any:
         """A user's own objective (``kind: module:function``): ``direction`` is required (its value may be a loss or a
         score) and its metric is called ``value`` unless the file names it; the other defaults are the training's."""
+        if isinstance(data, dict) and ({"directions", "metrics"} & data.keys()):
+            both = sorted({"direction", "metric"} & data.keys())
+            if both:
+                raise ValueError(
+                    f"{both[0]}: give either direction:/metric: (one objective) or directions:/metrics: "
+                    "(several), not both"
+                )
+            for key, other in (("directions", "metrics"), ("metrics", "directions")):
+                if key not in data:
+                    raise ValueError(f"{key}: required with {other}: (one entry per objective, in the same order)")
+            return data
         if isinstance(data, dict) and isinstance(data.get("objective"), dict | CustomObjective):
             if _objective_tag(data["objective"]) == "custom":
                 if "direction" not in data:
@@ -535,8 +559,25 @@ class StudySpec(_Strict):
                     data = {**data, "metric": "value"}
         return data
 
+    @property
+    def metric_names(self) -> list[str]:
+        """The study's metrics, one per objective: ``[metric]``, or ``metrics`` for several objectives."""
+        return list(self.metrics) if self.metrics is not None else [self.metric]
+
+    @property
+    def directions_list(self) -> list[str]:
+        """``minimize`` / ``maximize`` per objective, in :attr:`metric_names` order."""
+        return list(self.directions) if self.directions is not None else [self.direction]
+
+    @property
+    def multi_objective(self) -> bool:
+        """Several objectives: trials return a tuple, nothing is pruned, the best trials are a Pareto front."""
+        return len(self.metric_names) > 1
+
     @model_validator(mode="after")
     def _cross_checks(self) -> StudySpec:
+        if self.metrics is not None:
+            _check_objectives(self)
         order = list(self.space)
         known = KNOWN_PARAMS.get(self.objective.kind)
         for name, p in self.space.items():
@@ -569,11 +610,11 @@ class StudySpec(_Strict):
             if c not in OPTIMIZERS:
                 raise ValueError(f"space.optimizer: unknown optimizer {c!r} (known: {', '.join(OPTIMIZERS)})")
         metrics = {"training": TRAINING_METRICS, "grokking": ("steps_to_generalise",)}.get(self.objective.kind)
-        if metrics is not None and self.metric not in metrics:
+        if metrics is not None and self.metrics is None and self.metric not in metrics:
             raise ValueError(
                 f"metric: the {self.objective.kind} objective reports {', '.join(metrics)} (got {self.metric!r})"
             )
-        if self.objective.kind == "grokking" and self.direction != "minimize":
+        if self.objective.kind == "grokking" and self.directions_list != ["minimize"]:
             raise ValueError("direction: steps_to_generalise is minimised (direction: minimize)")
         for pred in self.predictions:
             if pred.param not in self.space:
@@ -583,6 +624,48 @@ class StudySpec(_Strict):
         return self
 
 
+def _check_objectives(spec: StudySpec) -> None:
+    """``directions:`` / ``metrics:``: one entry each per objective, at least two, metrics the objective reports, and
+    what several objectives rule out (pruning, population mode, predictions)."""
+    metrics, directions = spec.metrics or [], spec.directions or []
+    if len(metrics) < 2:
+        raise ValueError(
+            f"metrics: several objectives need at least 2 entries (got {len(metrics)}); for one, write metric:"
+        )
+    if len(directions) != len(metrics):
+        raise ValueError(
+            f"directions: one per metric, in the same order ({len(directions)} directions, {len(metrics)} metrics)"
+        )
+    seen: set[str] = set()
+    for name in metrics:
+        if name in seen:
+            raise ValueError(f"metrics: {name!r} is named twice")
+        seen.add(name)
+        if not name or name in RESERVED_COLUMNS or name.startswith("params_"):
+            raise ValueError(f"metrics: {name!r} is not a usable metric name (it is a column of hpo trials)")
+    kind = spec.objective.kind
+    reported = {"training": TRAINING_METRICS + COMPUTE_METRICS, "grokking": ("steps_to_generalise",)}.get(kind)
+    if reported is not None:
+        for name in metrics:
+            if name not in reported:
+                raise ValueError(f"metrics: the {kind} objective reports {', '.join(reported)} (got {name!r})")
+    if "pruner" in spec.model_fields_set and spec.pruner.name != "none":
+        raise ValueError(
+            f"pruner: Optuna cannot prune a trial with several objectives (got {spec.pruner.name!r}); write "
+            "pruner: {name: none} or leave it out"
+        )
+    if "pruner" not in spec.model_fields_set:  # the default, median, cannot see several objectives
+        object.__setattr__(spec, "pruner", PrunerSpec(name="none"))
+    if spec.sampler.name == "cmaes":
+        raise ValueError("sampler.name: cmaes optimises one objective; use nsgaii, tpe, gp, random or qmc")
+    if spec.population is not None and spec.population.size != 1:
+        raise ValueError("population: population mode trains single-objective studies only; leave it out")
+    if spec.predictions:
+        raise ValueError(
+            "predictions: judged on one metric, so not with several objectives; put them in a study with metric:"
+        )
+
+
 def stored_form(spec: StudySpec) -> dict[str, Any]:
     """The study file as stored with its study (``hpo:spec``): JSON, with any credential in ``storage`` masked.
 
@@ -590,6 +673,8 @@ def stored_form(spec: StudySpec) -> dict[str, Any]:
     from hpo.storage import mask
 
     data = spec.model_dump(mode="json")
+    for key in ("direction", "metric") if spec.metrics is not None else ("directions", "metrics"):
+        data.pop(key)  # one form: the stored file parses again (both forms together are refused)
     if data.get("storage"):
         data["storage"] = mask(data["storage"])
     return data

@@ -21,3 +21,13 @@ def quadratic(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         if trial.should_prune():
             raise optuna.TrialPruned()
     return value
+
+
+def accuracy_and_cost(trial: optuna.trial.BaseTrial, ctx: Context) -> tuple[float, float]:
+    """Two objectives (``metrics: [score, cost]``): a score that rises with ``x`` and a cost that rises with it too,
+    so every trial but the dominated ones sits on the front; ``options.length: 3`` returns a wrong-length tuple."""
+    x = float(ctx.params.get("x", 0.5))
+    score, cost = 1.0 - (1.0 - x) ** 2, x + 0.1 * float(ctx.params.get("waste", 0.0))
+    if "length" in ctx.options:
+        return tuple([score, cost, 0.0][: int(ctx.options["length"])])  # type: ignore[return-value]
+    return score, cost

@@ -240,3 +240,24 @@ def test_lesson_and_grokking_reports_read_in_chromium(browser, tmp_path: Path) -
     assert len(train) == len(val) == 4 and all(t["n"] >= 2 for t in train + val)
     assert any(t["name"] == "step it generalised" for t in curves)  # weight decay 3 groks within 250 steps
     assert "plot-curves" not in plots  # the censored running metric is not drawn as a learning curve
+
+
+def test_pareto_front_draws_its_points(browser, sqlite_url: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """A study with several objectives: the report's Pareto-front plot draws every complete trial, the front in a
+    trace of its own, and the page logs no error."""
+    import hpo
+    from hpo.report import write_report
+    from hpo.spec import parse_spec
+
+    from .test_multi_objective import user_study
+
+    study = hpo.run(parse_spec(user_study("browser-front")), storage=sqlite_url, progress=False)
+    path = write_report(sqlite_url, "browser-front", tmp_path / "front.html")
+    plots = {p["id"]: p for p in _open_report(browser, path, "report-pareto.png")}
+    traces = {t["name"]: t["n"] for t in plots["plot-pareto"]["traces"]}
+    assert traces == {
+        "other trials": 12 - len(study.best_trials),
+        f"Pareto front ({len(study.best_trials)} trials)": len(study.best_trials),
+    }
+    drawn = browser.execute_script("return document.querySelectorAll('#plot-pareto .scatterlayer .point').length")
+    assert drawn == 12

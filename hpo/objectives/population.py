@@ -116,8 +116,9 @@ def population_size(spec: StudySpec, requested: int | str | None = None) -> int:
         requested if requested is not None else (spec.population.size if spec.population else DEFAULT_SIZE)
     )
     obj = spec.objective
+    multi = spec.multi_objective  # Optuna prunes single-objective trials only; members are pruned and compared
     if isinstance(value, str) and value.strip().lower() == "auto":
-        if isinstance(obj, TrainingObjective) and obj.model.kind == "mlp" and spec.metric in METRICS:
+        if isinstance(obj, TrainingObjective) and obj.model.kind == "mlp" and spec.metric in METRICS and not multi:
             return AUTO_SIZE if largest_model(spec) <= AUTO_MAX_PARAMS else 1
         return 1
     try:
@@ -127,6 +128,8 @@ def population_size(spec: StudySpec, requested: int | str | None = None) -> int:
     if size < 1:
         raise HpoError(f"population size: must be >= 1 (got {size})")
     if size > 1:
+        if multi:
+            raise HpoError("population mode trains single-objective studies only; this study has several metrics")
         if not isinstance(obj, TrainingObjective):
             raise HpoError(f"population mode trains the training objective only; this study's is {obj.kind!r}")
         if obj.model.kind not in ("mlp", "cnn"):

@@ -8,6 +8,12 @@ the device and read once per epoch, which is also where divergence is checked), 
 
 Each epoch reports the study's metric (``val_accuracy``, ``val_loss`` or ``train_loss``) to the trial and asks the
 pruner. A loss that becomes NaN or infinite prunes the trial with ``reason=diverged`` and the epoch.
+
+With several objectives (``metrics: [val_accuracy, train_seconds]``) the trial returns a tuple in ``metrics`` order
+and reports nothing (Optuna prunes single-objective trials only); the compute metrics are ``train_seconds`` (wall
+time of the training loop: epochs and validation, not loading data or building the model; a resumed checkpoint's
+trial counts this run's time only), ``optimizer_steps`` (epochs x ceil(n_train / batch size)) and ``samples_seen``
+(epochs x n_train). Every complete trial stores all three as user attributes, whatever the study's metrics.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from hpo import threads as hpo_threads
 from hpo.models import ACTIVATION_FNS, MLP, cnn, mlp
 from hpo.objectives import Context
 from hpo.objectives.optim import LeanOptimizer
-from hpo.spec import TRAINING_METRICS, TrainingObjective
+from hpo.spec import COMPUTE_METRICS, TRAINING_METRICS, TrainingObjective
 
 METRICS = TRAINING_METRICS
 #: Below this many parameters a training step is dominated by per-call overhead: use :class:`LeanOptimizer`.
@@ -143,6 +149,10 @@ class EpochResult:
     train_loss: float
     val_loss: float
     val_accuracy: float
+    #: up to this epoch: wall time of the training loop (s), optimizer steps, training samples seen
+    train_seconds: float = 0.0
+    optimizer_steps: int = 0
+    samples_seen: int = 0
 
     def metric(self, name: str) -> float:
         if name == "val_error":
@@ -225,6 +235,7 @@ def _train_loop(
     history: list[EpochResult] = []
     manual = MLPGradients(model, loss.kind) if isinstance(model, MLP) and isinstance(opt, LeanOptimizer) else None
     first_epoch, resumed = 1, None
+    loop_started, outside = time.perf_counter(), 0.0  # train_seconds: the loop's time, not on_epoch's
     if checkpoint is not None:
         from hpo.objectives import Interrupted
         from hpo.objectives.checkpoints import LoopState
@@ -270,10 +281,14 @@ def _train_loop(
         val_loss, val_acc = evaluate(model, loss, xv, yv)
         if not math.isfinite(val_loss):
             raise Diverged(f"validation loss became {val_loss} in epoch {epoch}", epoch)
-        result = EpochResult(epoch, train_loss, val_loss, val_acc)
+        seconds = time.perf_counter() - loop_started - outside
+        steps = epoch * -(-n // bs)
+        result = EpochResult(epoch, train_loss, val_loss, val_acc, seconds, steps, epoch * n)
         history.append(result)
         if on_epoch is not None:
+            before = time.perf_counter()
             on_epoch(result)
+            outside += time.perf_counter() - before
         if checkpoint is not None and checkpoint.due(True, epoch):
             checkpoint.save(model, opt, LoopState(epoch, 0, [], gen.get_state()))
     return model, history
@@ -380,15 +395,18 @@ def set_trial_attrs(trial: optuna.trial.BaseTrial, attrs: dict[str, Any]) -> Non
             trial.set_user_attr(key, value)
 
 
-def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
-    """Train the trial's configuration; report the study's metric every epoch; prune on request or divergence."""
+def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float | tuple[float, ...]:
+    """Train the trial's configuration; report the study's metric every epoch; prune on request or divergence.
+
+    With several objectives: return the metrics as a tuple in the file's ``metrics`` order; report nothing."""
     obj = ctx.spec.objective
     assert isinstance(obj, TrainingObjective)
-    metric = ctx.spec.metric
-    if metric not in METRICS:
-        raise optuna.exceptions.OptunaError(f"metric {metric!r} is not produced by the training objective")
+    names = ctx.spec.metric_names
+    metric, multi = names[0], ctx.spec.multi_objective
+    for name in names:
+        if name not in METRICS + (COMPUTE_METRICS if multi else ()):
+            raise optuna.exceptions.OptunaError(f"metric {name!r} is not produced by the training objective")
     curve: list[float] = []
-    started = time.perf_counter()
     used: dict[str, Any] = {}  # the torch threads training ran with, read inside it (hpo.threads)
     from hpo.objectives.checkpoints import checkpoint_for
 
@@ -399,6 +417,8 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
     def on_epoch(r: EpochResult) -> None:
         used.setdefault("threads", torch.get_num_threads())
         curve.append(round(r.train_loss, 6))
+        if multi:  # Optuna prunes (and takes reports of) single-objective trials only
+            return
         value = r.metric(metric)
         trial.report(value, r.epoch)
         if trial.should_prune():
@@ -425,7 +445,9 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
         "train_loss": curve,
         "val_loss": round(last.val_loss, 6),
         "val_accuracy": round(last.val_accuracy, 6),
-        "train_seconds": round(time.perf_counter() - started, 3),
+        "train_seconds": round(last.train_seconds, 3),
+        "optimizer_steps": last.optimizer_steps,
+        "samples_seen": last.samples_seen,
         **used,
     }
     if obj.evaluate_test:
@@ -433,11 +455,13 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
     set_trial_attrs(trial, done)
     if ckpt is not None:
         ckpt.finish()
+    if multi:  # train_seconds as stored (ms), so the value and the attribute agree
+        return tuple(float(done[n]) if n in COMPUTE_METRICS else last.metric(n) for n in names)
     return last.metric(metric)
 
 
 def evaluate_on_test(spec: Any, frozen: optuna.trial.FrozenTrial) -> tuple[float, float]:
-    """Re-train a stored trial with its seed and parameters; return (its metric again, test accuracy)."""
+    """Re-train a stored trial with its seed and parameters; return (its (first) metric again, test accuracy)."""
     from hpo import space
     from hpo.errors import HpoError
 
@@ -447,4 +471,6 @@ def evaluate_on_test(spec: Any, frozen: optuna.trial.FrozenTrial) -> tuple[float
     params = space.suggest(optuna.trial.FixedTrial(frozen.params, frozen.number), spec.space)
     seed = int(frozen.user_attrs.get("seed", 0))
     model, history = train(obj, params, seed, device=str(frozen.user_attrs.get("device", "cpu")))
-    return history[-1].metric(spec.metric), test_accuracy(obj, model, str(frozen.user_attrs.get("device", "cpu")))
+    return history[-1].metric(spec.metric_names[0]), test_accuracy(
+        obj, model, str(frozen.user_attrs.get("device", "cpu"))
+    )

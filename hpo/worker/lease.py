@@ -31,7 +31,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import optuna
@@ -377,7 +377,7 @@ def fail_and_requeue(
 
 
 def take_over(
-    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | Sequence[float] | None
 ) -> tuple[optuna.trial.FrozenTrial, bool]:
     """Store a finished run whose trial was reaped meanwhile on the trial's re-queued copy, if no worker took that
     copy yet (it is then complete or pruned with this run's parameters, attributes, curve and value): the work is
@@ -411,8 +411,9 @@ def take_over(
             )
             for step, v in mine.intermediate_values.items():
                 backend._set_trial_intermediate_value_without_commit(session, copy_row.trial_id, step, v)
-            if value is not None:
-                backend._set_trial_value_without_commit(session, copy_row, 0, value)
+            values = value if isinstance(value, list | tuple) else [] if value is None else [value]
+            for objective, v in enumerate(values):  # one per objective
+                backend._set_trial_value_without_commit(session, copy_row, objective, v)
             copy_row.datetime_start = mine.datetime_start
             copy_row.datetime_complete = datetime.datetime.now()
             copy_row.state = state
@@ -600,7 +601,7 @@ def tell(
     study: optuna.Study,
     trial: optuna.Trial,
     state: TrialState,
-    value: float | None,
+    value: float | Sequence[float] | None,
     opts: WorkerOptions,
     url: str,
     attrs: dict[str, Any] | None = None,
@@ -635,7 +636,7 @@ def tell(
 
 
 def tell_finished(
-    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | Sequence[float] | None
 ) -> tuple[optuna.trial.FrozenTrial, bool]:
     """``study.tell(trial, value, state)`` for a complete or pruned trial, without its closing re-read of the trial
     (six statements): the stored trial is the one the worker holds, finished, as in ``Study.optimize`` (a pruned

@@ -245,6 +245,22 @@ def _next_trial(
     return None
 
 
+def _values(result: Any, spec: StudySpec) -> list[float]:
+    """An objective's result as one value per metric of the study file (a number, or a tuple / list of them).
+
+    Raises:
+        ValueError: not as many values as the file names metrics (the trial fails with this error).
+    """
+    names = spec.metric_names
+    values = list(result) if isinstance(result, list | tuple) else [result]
+    if len(values) != len(names):
+        raise ValueError(
+            f"the objective returned {len(values)} value(s); the study file names {len(names)} metric(s) "
+            f"({', '.join(names)})"
+        )
+    return [float(v) for v in values]
+
+
 def _run_one(
     study: optuna.Study,
     trial: optuna.Trial,
@@ -262,7 +278,7 @@ def _run_one(
     An interrupted trial, or one whose database calls failed mid-run, is failed and re-queued with its parameters.
     """
     state = TrialState.FAIL
-    value: float | None = None
+    value: list[float] | None = None
     outcome = "done"
     reason: str | None = None
     error: str | None = None
@@ -286,8 +302,8 @@ def _run_one(
             if cached is not None:
                 cached.user_attrs.update(attrs)
             ctx = Context(spec=spec, params=params, seed=seed, threads=threads, device=device, stop=stop)
-            value = float(objective(trial, ctx))
-            if math.isnan(value):
+            value = _values(objective(trial, ctx), spec)
+            if any(math.isnan(v) for v in value):
                 reason = "objective returned NaN"
                 state = TrialState.PRUNED
             else:

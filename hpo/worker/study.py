@@ -52,7 +52,7 @@ def create(
         study = optuna.create_study(
             study_name=spec.name,
             storage=storage,
-            direction=spec.direction,
+            directions=spec.directions_list,
             sampler=make_sampler(spec),
             pruner=make_pruner(spec.pruner),
             load_if_exists=True,
@@ -84,13 +84,13 @@ def _store_spec(spec: StudySpec, study: optuna.Study) -> None:
         study.set_user_attr("sampler", spec.sampler.model_dump(mode="json"))
         study.set_user_attr("pruner", spec.pruner.model_dump(mode="json"))
         study.set_user_attr("budget", spec.budget.model_dump(mode="json"))
-        study.set_user_attr("metric", spec.metric)
+        study.set_user_attr("metric", ",".join(spec.metric_names))  # hpo studies' column; metric names below
         study.set_user_attr("hpo_version", hpo.__version__)
         for params in spec.enqueue:
             study.enqueue_trial(search_space.encode_params(params), user_attrs={"enqueued": True}, skip_if_exists=True)
         with warnings.catch_warnings():  # metric names are experimental in Optuna; optuna-dashboard shows them
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([spec.metric])
+            study.set_metric_names(spec.metric_names)
         if spec.design is not None:  # a designed experiment (hpo.design): repeats are wanted, so no skip_if_exists
             for params, attrs in design_trials(spec.design, spec.space):
                 study.enqueue_trial(search_space.encode_params(params), user_attrs=attrs)
@@ -109,15 +109,14 @@ def mask_stored_spec(study: optuna.Study) -> None:
 
 
 def check_agrees(spec: StudySpec, stored: StudySpec, study: optuna.Study) -> None:
-    """A study file must describe the stored study: same direction, metric and search space."""
-    if study.direction.name.lower() != spec.direction:
-        raise StudyError(
-            f"study {spec.name!r} is stored with direction {study.direction.name.lower()}, the file says {spec.direction}"
-        )
-    if stored.metric != spec.metric:
-        raise StudyError(
-            f"study {spec.name!r}: the file's metric {spec.metric!r} differs from the stored {stored.metric!r}"
-        )
+    """A study file must describe the stored study: same directions, metrics and search space."""
+    have = [d.name.lower() for d in study.directions]
+    if have != spec.directions_list:
+        said, was = ", ".join(spec.directions_list), ", ".join(have)
+        raise StudyError(f"study {spec.name!r} is stored with direction {was}, the file says {said}")
+    if stored.metric_names != spec.metric_names:
+        said, was = ", ".join(spec.metric_names), ", ".join(stored.metric_names)
+        raise StudyError(f"study {spec.name!r}: the file's metric {said!r} differs from the stored {was!r}")
     mine, theirs = search_space.distributions(spec.space), search_space.distributions(stored.space)
     for name in sorted(set(mine) | set(theirs)):
         if mine.get(name) != theirs.get(name):
@@ -177,14 +176,16 @@ def load(study_name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.
     return study, spec
 
 
-def replay(spec: StudySpec, frozen: optuna.trial.FrozenTrial) -> float:
+def replay(spec: StudySpec, frozen: optuna.trial.FrozenTrial) -> float | tuple[float, ...]:
     """Run a stored trial again with its parameters and seed, outside the study (nothing is stored).
 
-    On the CPU the result equals the stored value exactly.
+    On the CPU the result equals the stored value exactly (several objectives: a tuple; ``train_seconds`` is a time
+    and differs).
     """
     params = search_space.suggest(optuna.trial.FixedTrial(frozen.params, frozen.number), spec.space)
     seed = int(frozen.user_attrs.get("seed", trial_seed(spec, frozen.number)))
     ctx = Context(
         spec=spec, params=params, seed=seed, threads=None, device=resolve_device(frozen.user_attrs.get("device", "cpu"))
     )
-    return float(resolve(spec.objective.kind)(optuna.trial.FixedTrial(frozen.params, frozen.number), ctx))
+    value = resolve(spec.objective.kind)(optuna.trial.FixedTrial(frozen.params, frozen.number), ctx)
+    return tuple(float(v) for v in value) if spec.multi_objective else float(value)
