@@ -322,7 +322,7 @@ def _summary(name: str, url: str) -> None:
         )
         for t in front:
             values = "  ".join(f"{lit(m)} = {v:.4g}" for m, v in zip(names, t.values, strict=True))
-            params = ", ".join(f"{lit(k)}={lit(v)}" for k, v in t.params.items())
+            params = ", ".join(f"{lit(k)}={_param(v)}" for k, v in t.params.items())
             out.print(f"  #{t.number}: {values}  ({params})", highlight=False, soft_wrap=True)
         return
     try:
@@ -333,7 +333,12 @@ def _summary(name: str, url: str) -> None:
     metric = study.user_attrs.get("metric", "value")
     out.print(f"best trial #{best.number}: {lit(metric)} = {best.value:.6g}", highlight=False)
     for k, v in best.params.items():
-        out.print(f"  {lit(k)} = {lit(v)}", highlight=False)
+        out.print(f"  {lit(k)} = {_param(v)}", highlight=False)
+
+
+def _param(value: Any) -> str:
+    """A parameter as a person reads it: floats to 4 significant digits (``hpo trials`` has them whole)."""
+    return f"{value:.4g}" if isinstance(value, float) else lit(value)
 
 
 @app.command()
