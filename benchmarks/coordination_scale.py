@@ -133,15 +133,14 @@ class Side:
         from optuna.trial import TrialState
 
         from hpo import space
-        from hpo.storage import set_trial_user_attrs
+        from hpo.storage import set_trial_attrs
         from hpo.worker.lease import open_trial, take_slots, tell_finished
 
         ids, _ = take_slots(study, self.name, None, self.backend, self.opts)
         trial = open_trial(study, ids[0], self.opts.db_retry_for, self.url)
         params = space.suggest(trial, self.spec.space)
         attrs = {"seed": trial.number, "device": "cpu", "threads": 1, "worker": f"sim:{client}"}
-        set_trial_user_attrs(study._storage, trial._trial_id, attrs)
-        trial._cached_frozen_trial.user_attrs.update(attrs)
+        set_trial_attrs(trial, attrs)
         _, stored = tell_finished(trial.study, trial, TrialState.COMPLETE, objective(params["x"]))
         assert stored
 

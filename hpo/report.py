@@ -477,11 +477,12 @@ def _grokking_curves(ctx: _Study) -> go.Figure | None:
         head = f"wd {_sig(wd)}" if wd is not None else f"trial #{t.number}"
         titles.append(f"{head}: " + (f"generalised at {g}" if g is not None else "did not generalise"))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_yaxes=True, vertical_spacing=0.12)
+    first_generalised = next((u for u in trials if u.user_attrs.get("generalised")), None)  # its marker's legend
     for i, t in enumerate(trials):
         r, c = i // cols + 1, i % cols + 1
         curve = t.user_attrs["curve"]
         first = i == 0
-        first_gen = t is next((u for u in trials if u.user_attrs.get("generalised")), None)
+        first_gen = t is first_generalised
         fig.add_trace(
             go.Scatter(
                 x=curve["step"],

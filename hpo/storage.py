@@ -395,6 +395,18 @@ def set_trial_user_attrs(
         conn.execute(insert, [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
 
 
+def set_trial_attrs(trial: optuna.trial.BaseTrial, attrs: dict[str, Any], *, replace: bool = True) -> None:
+    """A trial's user attributes, stored in one transaction (:func:`set_trial_user_attrs`) and kept in the trial's
+    own copy (what Optuna's ``set_user_attr`` keeps current, and what the worker reads its trial from); one call per
+    key for a trial that is not stored (a ``FixedTrial``)."""
+    if isinstance(trial, optuna.Trial):
+        set_trial_user_attrs(trial.storage, trial._trial_id, attrs, replace=replace)
+        trial._cached_frozen_trial.user_attrs.update(attrs)
+    else:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+
+
 @functools.cache
 def _user_attr_statements() -> tuple[Any, Any]:
     from optuna.storages._rdb import models

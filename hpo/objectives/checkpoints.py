@@ -173,7 +173,7 @@ class Checkpointer:
 
 
 def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    from hpo.objectives.training import set_trial_attrs
+    from hpo.storage import set_trial_attrs
 
     set_trial_attrs(trial, attrs)
 

@@ -35,6 +35,7 @@ from hpo.models import ACTIVATION_FNS, MLP, cnn, mlp
 from hpo.objectives import Context
 from hpo.objectives.optim import LeanOptimizer
 from hpo.spec import COMPUTE_METRICS, TRAINING_METRICS, TrainingObjective
+from hpo.storage import set_trial_attrs
 
 METRICS = TRAINING_METRICS
 #: Below this many parameters a training step is dominated by per-call overhead: use :class:`LeanOptimizer`.
@@ -381,18 +382,6 @@ def test_accuracy(obj: TrainingObjective, model: nn.Module, device: str = "cpu")
     xt = torch.from_numpy(splits.x_test).to(device)
     yt = loss.target(torch.from_numpy(splits.y_test)).to(device)
     return evaluate(model, loss, xt, yt)[1]
-
-
-def set_trial_attrs(trial: optuna.trial.BaseTrial, attrs: dict[str, Any]) -> None:
-    """A trial's user attributes, in one transaction where the trial is stored (one per key through Optuna)."""
-    if isinstance(trial, optuna.Trial):
-        from hpo.storage import set_trial_user_attrs
-
-        set_trial_user_attrs(trial.storage, trial._trial_id, attrs)
-        trial._cached_frozen_trial.user_attrs.update(attrs)
-    else:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
 
 
 def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float | tuple[float, ...]:

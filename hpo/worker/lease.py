@@ -50,7 +50,7 @@ from hpo.storage import (
     quiet_optuna,
     rdb_backend,
     record_heartbeat,
-    set_trial_user_attrs,
+    set_trial_attrs,
     unbeaten_trial_ids,
 )
 from hpo.worker.options import WorkerOptions
@@ -621,9 +621,7 @@ def tell(
             frozen, done = fail_and_requeue(real, trial._trial_id, attrs or {}, requeue, opts.max_retry)
             return (frozen if frozen is not None else real._storage.get_trial(trial._trial_id)), done
         if attrs:
-            set_trial_user_attrs(real._storage, trial._trial_id, attrs)
-            if getattr(trial, "_cached_frozen_trial", None) is not None:
-                trial._cached_frozen_trial.user_attrs.update(attrs)  # the trial as stored, for what tell returns
+            set_trial_attrs(trial, attrs)  # and in the trial as the worker holds it: what tell returns
         with quiet_optuna():
             try:
                 return tell_finished(study, trial, state, value)

@@ -31,9 +31,8 @@ from hpo import threads as hpo_threads
 from hpo.errors import HpoError
 from hpo.objectives import trial_seed
 from hpo.objectives.population import ROW_BUDGET, Event, PopulationTrainer, largest_model
-from hpo.objectives.training import set_trial_attrs
 from hpo.spec import StudySpec, TrainingObjective
-from hpo.storage import describe_error, mask, quiet_optuna, store_intermediate_values
+from hpo.storage import describe_error, mask, quiet_optuna, set_trial_attrs, store_intermediate_values
 from hpo.worker.lease import (
     Heartbeats,
     OwnTrials,

@@ -24,7 +24,7 @@ from hpo.errors import HpoError
 from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_seed
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec
-from hpo.storage import describe_error, open_storage, set_trial_user_attrs
+from hpo.storage import describe_error, open_storage, set_trial_attrs
 from hpo.threads import budget as thread_budget
 from hpo.worker.lease import (
     Heartbeats,
@@ -298,9 +298,7 @@ def _run_one(
             }
             if inherited.get("reason") is not None:  # the copy's outcome is its own
                 attrs["reason"] = None
-            set_trial_user_attrs(study._storage, trial._trial_id, attrs, replace=bool(inherited.keys() & attrs.keys()))
-            if cached is not None:
-                cached.user_attrs.update(attrs)
+            set_trial_attrs(trial, attrs, replace=bool(inherited.keys() & attrs.keys()))
             ctx = Context(spec=spec, params=params, seed=seed, threads=threads, device=device, stop=stop)
             value = _values(objective(trial, ctx), spec)
             if any(math.isnan(v) for v in value):
