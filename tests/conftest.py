@@ -3,13 +3,22 @@
 PostgreSQL and MySQL come from ``HPO_TEST_POSTGRES_URL`` and ``HPO_TEST_MYSQL_URL`` (``.ci/run`` exports both);
 each test session works in a fresh database of its own, dropped at the end. Where a variable is unset, the tests
 that need that server skip and say why.
+
+Tests marked ``pg_restart`` restart or stop the machine's PostgreSQL server; they run only with
+``HPO_TEST_PG_ADMIN=1``. The suite runs in parallel (pytest-xdist), so the server is guarded by a readers-writer lock
+shared by every process of the run (:func:`postgres_server_lock`): a ``pg_restart`` test holds it alone, every other
+test that may touch PostgreSQL holds it shared, and a waiting ``pg_restart`` test keeps new readers out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,18 +40,92 @@ def _server_url(kind: str) -> str:
     return url
 
 
+# --------------------------------------------------------------------------- the PostgreSQL server, shared
+
+_LOCK_DIR = Path(tempfile.gettempdir())
+_held = [0]  # this process's depth of postgres_server_lock
+
+
+@contextlib.contextmanager
+def postgres_server_lock(exclusive: bool) -> Iterator[None]:
+    """The machine's PostgreSQL server, held shared (a test that uses it) or alone (one that restarts it), across
+    every process on this machine (flock). Writer preference: a writer holds the turnstile while it waits, and a
+    reader passes the turnstile before it takes its share, so a stream of readers cannot starve a restart. Re-entrant
+    within a process (a test's fixtures may create a database while the test holds the server)."""
+    if _held[0]:
+        _held[0] += 1
+        try:
+            yield
+        finally:
+            _held[0] -= 1
+        return
+    with (
+        open(_LOCK_DIR / "hpo-tests-postgres.turn", "a") as turn,
+        open(_LOCK_DIR / "hpo-tests-postgres.lock", "a") as lock,
+    ):
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turn, fcntl.LOCK_UN)
+        _held[0] = 1
+        try:
+            yield
+        finally:
+            _held[0] = 0
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turn, fcntl.LOCK_UN)
+
+
+@functools.cache
+def _mentions_postgres(path: str) -> bool:
+    return "postgres" in Path(path).read_text().lower()
+
+
+def _touches_postgres(item: pytest.Item) -> bool:
+    """Whether a test may talk to PostgreSQL: it asks for ``postgres_url``, or one of its parameters is "postgres", or
+    (not parametrised over sqlite/mysql) its module mentions PostgreSQL at all. Errs on the side of yes."""
+    if "postgres_url" in getattr(item, "fixturenames", ()):
+        return True
+    callspec = getattr(item, "callspec", None)
+    values = {v for v in callspec.params.values() if isinstance(v, str)} if callspec else set()
+    if "postgres" in values:
+        return True
+    if values & {"sqlite", "mysql"}:
+        return False
+    return _mentions_postgres(str(item.path))
+
+
+@pytest.fixture(autouse=True)
+def _postgres_server(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test holds the PostgreSQL server shared, or alone if marked ``pg_restart`` (skipped unless
+    ``HPO_TEST_PG_ADMIN=1``); nothing where no server is configured."""
+    restarts = request.node.get_closest_marker("pg_restart") is not None
+    if restarts and os.environ.get("HPO_TEST_PG_ADMIN") != "1":
+        pytest.skip("restarts the machine's PostgreSQL server; set HPO_TEST_PG_ADMIN=1 to allow it")
+    if not os.environ.get(SERVERS["postgres"]) or not (restarts or _touches_postgres(request.node)):
+        yield
+        return
+    with postgres_server_lock(exclusive=restarts):
+        yield
+
+
 def _fresh_database(admin_url: str) -> Iterator[str]:
     """CREATE a uniquely named database on the server, yield its URL, DROP it afterwards."""
     url = make_url(admin_url)
     name = f"hpo_test_{uuid.uuid4().hex[:10]}"
+    held = (
+        postgres_server_lock if url.get_backend_name() == "postgresql" else lambda exclusive: contextlib.nullcontext()
+    )
     # pre-ping: the engine survives a server restart
     engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with engine.connect() as conn:
+    with held(exclusive=False), engine.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     try:
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
-        with engine.connect() as conn:
+        with held(exclusive=False), engine.connect() as conn:
             if url.get_backend_name() == "postgresql":
                 conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             else:

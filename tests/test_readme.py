@@ -25,7 +25,7 @@ def readme_commands() -> list[str]:
 def test_readme_starts_with_the_two_commands() -> None:
     run, test = readme_commands()
     assert "hpo run studies/lesson.yaml && hpo report lesson" in run and "pip install torch==2.13.0" in run
-    assert test.endswith("pytest") and "pip install -q torch==2.13.0" in test
+    assert test.endswith("pytest -n 3") and "pip install -q torch==2.13.0" in test  # the whole suite, 3 processes
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci, ".ci/run must run README's test command word for word"
 
