@@ -27,7 +27,7 @@ import heapq
 import threading
 import weakref
 from collections import deque
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import optuna
@@ -56,18 +56,25 @@ class TrialWindow:
         self.lock = threading.Lock()
         self.refreshed_for: int | None = None
 
-    def refresh(self, trial_number: int | None = None) -> None:
+    def refresh(
+        self, trial_number: int | None = None, retried: Callable[[str, Callable[[], Any]], Any] | None = None
+    ) -> None:
         """Read what changed since the last refresh: trials finished since, and the unfinished ones (once per
-        ``trial_number`` when given: a trial's sampler calls share one read)."""
+        ``trial_number`` when given: a trial's sampler calls share one read). ``retried(what, read)``: the trial's
+        retry policy for database errors (a worker's trial rides out a restart while it samples, too)."""
         with self.lock:
             if trial_number is not None and trial_number == self.refreshed_for:
                 return
-            trials = self.backend._get_trials(
-                self.study_id,
-                states=None,
-                included_trial_ids=set(self.unfinished),
-                trial_id_greater_than=self.last_finished_id,
-            )
+
+            def read() -> list[FrozenTrial]:
+                return self.backend._get_trials(
+                    self.study_id,
+                    states=None,
+                    included_trial_ids=set(self.unfinished),
+                    trial_id_greater_than=self.last_finished_id,
+                )
+
+            trials = retried("read the study's trials", read) if retried is not None else read()
             for t in sorted(trials, key=lambda t: t._trial_id):
                 if not t.state.is_finished():
                     self.unfinished[t._trial_id] = t
@@ -141,7 +148,7 @@ class WindowedSampler(optuna.samplers.BaseSampler):
             if window is None:
                 window = TrialWindow(backend, study._study_id, study.direction, self.recent, self.best)
                 per_study[study._study_id] = window
-        window.refresh(trial.number if trial is not None else None)
+        window.refresh(trial.number if trial is not None else None, getattr(storage, "retried", None))
         return _WindowStudy(study, window)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:

@@ -45,6 +45,41 @@ def test_window_holds_a_small_study_whole_and_samples_as_tpe_does(sqlite_url: st
         storage.engine.dispose()
 
 
+def test_the_samplers_read_of_the_window_rides_out_a_lost_connection(postgres_url: str, study_name: str) -> None:
+    """A worker's trial samples through the windowed TPE, whose read of the study goes below the storage's public
+    calls. Every connection of the worker's pool is cut just before it samples (``pg_terminate_backend``, what a
+    server restart does to them): the read is retried like the trial's other calls and the trial gets its
+    parameter. (It failed the trial before: Optuna's fallback query then met ``PendingRollbackError``.)"""
+    import os
+
+    import sqlalchemy
+
+    from hpo.worker.lease import open_trial
+
+    storage = open_storage(postgres_url, heartbeat_interval=30, max_retry=2)
+    admin = sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        sampler = trial_cache.windowed(optuna.samplers.TPESampler(seed=0, n_startup_trials=5))
+        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler)
+        fill(study, 20)
+        [slot], _ = take_slots(study, study_name, None, storage, WorkerOptions(heartbeat_interval=30))
+        trial = open_trial(study, slot, retry_for=30, url=postgres_url)
+        with admin.connect() as conn:
+            cut = conn.execute(
+                sqlalchemy.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :app"
+                ),
+                {"app": f"hpo:{os.getpid()}"},
+            ).scalar_one()
+        assert cut >= 1  # the pool's idle connections, the one the sampler reads through among them
+        x = trial.suggest_float("x", -10.0, 10.0)
+        assert -10.0 <= x <= 10.0
+        assert study._storage.get_trial(slot).params == {"x": x}  # stored, on a fresh connection
+    finally:
+        storage.engine.dispose()
+        admin.dispose()
+
+
 def test_window_of_a_large_study_is_bounded_and_keeps_the_best(postgres_url: str, study_name: str) -> None:
     storage = open_storage(postgres_url)
     try:

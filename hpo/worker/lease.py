@@ -93,14 +93,20 @@ def count_budget(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
 
 def is_db_error(exc: BaseException) -> bool:
     """Whether an exception is the database's, worth retrying: SQLAlchemy's own, or Optuna's wrapper of a lost
-    connection (``StorageInternalError`` caused by an operational error, as a server restart gives)."""
+    connection (``StorageInternalError`` with an operational error in its chain, as a server restart gives: Optuna
+    may first try another query in the broken session, whose ``PendingRollbackError`` then stands in between)."""
     if isinstance(exc, SQLAlchemyError):
         return True
     if isinstance(exc, optuna.exceptions.StorageInternalError):
-        cause = exc.__cause__
-        return isinstance(cause, (OperationalError, InterfaceError)) or bool(
-            isinstance(cause, DBAPIError) and cause.connection_invalidated
-        )
+        link: BaseException | None = exc.__cause__
+        for _ in range(8):  # the chain of causes and contexts, bounded
+            if link is None:
+                return False
+            if isinstance(link, (OperationalError, InterfaceError)) or (
+                isinstance(link, DBAPIError) and link.connection_invalidated
+            ):
+                return True
+            link = link.__cause__ or link.__context__
     return False
 
 
@@ -520,6 +526,11 @@ class RetryingStorage:
         self, inner: optuna.storages.BaseStorage, retry_for: float, url: str, stop: threading.Event | None = None
     ) -> None:
         self._inner, self._retry_for, self._url, self._stop = inner, retry_for, url, stop
+
+    def retried(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` under this storage's retry policy: for reads made below the storage's public calls (the
+        sampler's window of trials, :mod:`hpo.trial_cache`)."""
+        return with_db_retry(what, fn, self._retry_for, self._url, self._stop, True)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
