@@ -115,17 +115,19 @@ def _fresh_database(admin_url: str) -> Iterator[str]:
     """CREATE a uniquely named database on the server, yield its URL, DROP it afterwards."""
     url = make_url(admin_url)
     name = f"hpo_test_{uuid.uuid4().hex[:10]}"
-    held = (
-        postgres_server_lock if url.get_backend_name() == "postgresql" else lambda exclusive: contextlib.nullcontext()
-    )
+    shared = url.get_backend_name() == "postgresql"  # the server held shared while the database is made or dropped
+
+    def held() -> contextlib.AbstractContextManager[None]:
+        return postgres_server_lock(exclusive=False) if shared else contextlib.nullcontext()
+
     # pre-ping: the engine survives a server restart
     engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with held(exclusive=False), engine.connect() as conn:
+    with held(), engine.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     try:
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
-        with held(exclusive=False), engine.connect() as conn:
+        with held(), engine.connect() as conn:
             if url.get_backend_name() == "postgresql":
                 conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             else:

@@ -37,6 +37,7 @@ from torch import nn
 
 from hpo.objectives.optim import LeanOptimizer
 from hpo.spec import CheckpointSpec
+from hpo.storage import set_trial_attrs
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Checkpointer:
         self.store.write(artifact_id, buf)
         previous = self.current
         self.current = {"id": artifact_id, "epoch": state.epoch, "step": state.step, "bytes": size}
-        _set_attrs(self.trial, {ATTR: self.current, BYTES_ATTR: size})
+        set_trial_attrs(self.trial, {ATTR: self.current, BYTES_ATTR: size})
         if previous is not None and previous.get("id") != artifact_id:
             self._remove(previous["id"])
 
@@ -147,7 +148,7 @@ class Checkpointer:
         attrs: dict[str, Any] = {"resumed_from": int(blob["epoch"])}
         if blob["step"]:
             attrs["resumed_step"] = int(blob["step"])
-        _set_attrs(self.trial, attrs)
+        set_trial_attrs(self.trial, attrs)
         log.info("trial %d resumes from checkpoint %s (epoch %d, step %d)", self.trial.number, artifact_id,
                  blob["epoch"], blob["step"])  # fmt: skip
         return LoopState(
@@ -163,19 +164,13 @@ class Checkpointer:
             return
         self._remove(self.current["id"])
         self.current = None
-        _set_attrs(self.trial, {ATTR: None, BYTES_ATTR: 0})
+        set_trial_attrs(self.trial, {ATTR: None, BYTES_ATTR: 0})
 
     def _remove(self, artifact_id: str) -> None:
         try:
             self.store.remove(artifact_id)
         except Exception as exc:  # already removed (by another copy), or the store refused: not the trial's fault
             log.debug("checkpoint %s not removed: %s", artifact_id, exc)
-
-
-def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    from hpo.storage import set_trial_attrs
-
-    set_trial_attrs(trial, attrs)
 
 
 def _optimizer_state(opt: Any) -> dict[str, Any]:
