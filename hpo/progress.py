@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hpo.render import visible
+from hpo.storage import count_budget, open_storage
 
 #: The logger of the per-trial lines; :func:`trial_logger` gives it a plain handler of its own.
 TRIAL_LOG = "hpo.trials"
@@ -128,8 +129,6 @@ class StudyProgress:
     def __enter__(self) -> Callable[[], None]:
         from rich.text import Text
 
-        from hpo.storage import open_storage
-
         storage = self.storage if self.storage is not None else open_storage(self.url)
         self.study = optuna.load_study(study_name=self.name, storage=storage)
         self.metric = metric_names(self.study)
@@ -163,7 +162,9 @@ class StudyProgress:
         elif complete:
             pick = max if self.study.direction.name == "MAXIMIZE" else min
             best = f"best {pick(t.value for t in complete):.4g}  "
-        self.bar.update(self.task, completed=len(done), info=f"{best}pruned {pruned}  failed {failed}")
+        # against the budget, by its rule: a failed trial that was re-queued gives its slot to its copy
+        counted, running = count_budget(trials)
+        self.bar.update(self.task, completed=counted - running, info=f"{best}pruned {pruned}  failed {failed}")
 
     def __exit__(self, *exc: Any) -> None:
         try:

@@ -34,6 +34,7 @@ from urllib.parse import quote, quote_plus, unquote
 
 import optuna
 import sqlalchemy
+from optuna.trial import TrialState
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
@@ -503,7 +504,6 @@ def store_intermediate_values(storage: optuna.storages.BaseStorage, values: Sequ
 def _create_statements(dialect: str) -> tuple[Any, Any, Any]:
     """:func:`create_running_trial`'s statements, built once (they run inside the budget lock)."""
     from optuna.storages._rdb import models
-    from optuna.trial import TrialState
 
     t, st = models.TrialModel.__table__, models.StudyModel.__table__
     study_id = sqlalchemy.bindparam("study_id", type_=t.c.study_id.type)
@@ -544,7 +544,6 @@ def unbeaten_trial_ids(storage: optuna.storages.BaseStorage, study_id: int, grac
     import datetime
 
     from optuna.storages._rdb import models
-    from optuna.trial import TrialState
 
     t = models.TrialModel.__table__
     h = models.TrialHeartbeatModel.__table__
@@ -731,7 +730,6 @@ def budget_lock(
 def _budget_statement() -> sqlalchemy.Select[Any]:
     """:func:`budget_counts`'s statement, built once (building it cost more than running it)."""
     from optuna.storages._rdb import models
-    from optuna.trial import TrialState
 
     t = models.TrialModel.__table__
     a = models.TrialSystemAttributeModel.__table__
@@ -769,6 +767,27 @@ def budget_counts(
         with rdb_backend(storage).engine.connect() as own:
             row = own.execute(_budget_statement(), params).one()
     return int(row[0]), int(row[1]), int(row[2])
+
+
+#: States a trial counts against the budget in (besides a failed trial that was not re-queued).
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def requeued_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of the failed trials that Optuna's retry callback re-queued (a copy lists them in ``retry_history``)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+def count_budget(trials: Sequence[optuna.trial.FrozenTrial]) -> tuple[int, int]:
+    """(counted, running) of a list of trials, by the rule :func:`budget_counts` counts in SQL."""
+    requeued = requeued_numbers(trials)
+    counted = running = 0
+    for t in trials:
+        if t.state == TrialState.RUNNING:
+            running += 1
+        if t.state in COUNTED or (t.state == TrialState.FAIL and t.number not in requeued):
+            counted += 1
+    return counted, running
 
 
 _READ_ONLY_SQL = {

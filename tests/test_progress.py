@@ -105,3 +105,31 @@ def test_worker_on_a_terminal_shows_a_live_progress_view(tmp_path: Path) -> None
     assert "━" in screen and "3/3" in screen  # the bar, complete
     lines = {int(m[1]) for m in re.finditer(r"trial (\d+) COMPLETE value=", screen)}
     assert lines == {0, 1, 2}
+
+
+def test_the_bar_counts_trials_by_the_budgets_rule(tmp_path: Path) -> None:
+    """A trial failed and re-queued gives its slot to its copy: three counted trials of a budget of 3 read 3/3
+    (and "failed 1"), not 4/3, which would look like the budget over-run."""
+    import io
+
+    from rich.console import Console
+
+    from hpo.progress import StudyProgress
+    from hpo.storage import open_storage
+    from hpo.worker import fail_and_requeue
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="bar", storage=storage, direction="maximize")
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    reaped = study.ask(x)
+    assert fail_and_requeue(study, reaped._trial_id, {"reason": "reaped"})[1]  # failed, its copy waits
+    for _ in range(3):  # the copy first, then two new trials
+        trial = study.ask(x)
+        study.tell(trial, trial.params["x"])
+    out = io.StringIO()
+    with StudyProgress("bar", url, 3, console=Console(file=out, width=100), lines=False, storage=storage) as poll:
+        poll()
+    screen = out.getvalue()
+    assert "3/3" in screen and "4/3" not in screen and "failed 1" in screen, screen
+    storage.engine.dispose()

@@ -10,16 +10,14 @@ budget is met.
 
 from __future__ import annotations
 
+from hpo.storage import COUNTED, count_budget, requeued_numbers  # the budget's rule over trials read
 from hpo.worker.lease import (
-    COUNTED,
     FINISHED,
     GRACE_ATTR,
     budget_used,
-    count_budget,
     created_trial,
     fail_and_requeue,
     reap,
-    requeued_numbers,
     study_grace,
     take_slots,
 )

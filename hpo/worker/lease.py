@@ -58,7 +58,6 @@ from hpo.worker.options import WorkerOptions
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -68,26 +67,10 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 def budget_used(study: optuna.Study) -> tuple[int, int]:
     """(counted trials, running trials): counted = complete + pruned + running + failed-and-not-re-queued.
 
-    One SQL aggregate (:func:`hpo.storage.budget_counts`); :func:`count_budget` is the same rule over trials read.
+    One SQL aggregate (:func:`hpo.storage.budget_counts`); :func:`hpo.storage.count_budget` is the same rule over
+    trials read.
     """
     counted, running, _ = budget_counts(study._storage, study._study_id)
-    return counted, running
-
-
-def requeued_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
-    """Numbers of the failed trials that Optuna's retry callback re-queued (a copy lists them in ``retry_history``)."""
-    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-
-
-def count_budget(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
-    """(counted, running) of a list of trials, by the rule :func:`budget_used` counts in SQL."""
-    requeued = requeued_numbers(trials)
-    counted = running = 0
-    for t in trials:
-        if t.state == TrialState.RUNNING:
-            running += 1
-        if t.state in COUNTED or (t.state == TrialState.FAIL and t.number not in requeued):
-            counted += 1
     return counted, running
 
 
