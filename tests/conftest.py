@@ -27,6 +27,8 @@ import pytest
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
+from .timing import ceiling
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ROOT / "studies"
 SERVERS = {"postgres": "HPO_TEST_POSTGRES_URL", "mysql": "HPO_TEST_MYSQL_URL"}
@@ -166,10 +168,11 @@ def study_name() -> str:
 def hpo_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real ``hpo`` command line in a subprocess."""
+    """Run the real ``hpo`` command line in a subprocess (``timeout``: the idle machine's ceiling, scaled by
+    :func:`timing.ceiling`)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "hpo", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
+        [sys.executable, "-m", "hpo", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=ceiling(timeout)
     )
 
 

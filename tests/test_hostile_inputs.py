@@ -37,6 +37,7 @@ from hpo.cli import app
 from hpo.render import FORMULA_START
 
 from .conftest import ROOT, _fresh_database, hpo_cli
+from .timing import ceiling
 
 #: Two halves, so a password cut at an unescaped "@" is still found: no output may hold either.
 CANARY_A, CANARY_B = "Q7f3a9x", "Z8e2b1y"
@@ -574,12 +575,12 @@ def test_dashboard_host_check_on_a_real_server(prepared: str) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ceiling(60)
 
         def get(host: str) -> int:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies", headers={"Host": host})
             try:
-                with urllib.request.urlopen(req, timeout=5) as r:
+                with urllib.request.urlopen(req, timeout=ceiling(5)) as r:
                     return r.status
             except urllib.error.HTTPError as exc:
                 return exc.code
@@ -588,8 +589,9 @@ def test_dashboard_host_check_on_a_real_server(prepared: str) -> None:
             try:
                 code = get(f"127.0.0.1:{port}")
                 break
-            except OSError:
-                assert time.monotonic() < deadline, "the dashboard did not start"
+            except OSError as exc:
+                assert proc.poll() is None, f"the dashboard exited {proc.returncode} before answering"
+                assert time.monotonic() < deadline, f"the dashboard did not answer in {ceiling(60):.0f} s: {exc}"
                 time.sleep(0.3)
         assert code == 200
         assert get("attacker.example") == 421

@@ -16,6 +16,7 @@ import pytest
 from hpo.spec import load_spec
 
 from .conftest import ROOT
+from .timing import ceiling
 
 
 def readme_commands() -> list[str]:
@@ -39,7 +40,7 @@ def test_readme_main_command_on_a_fresh_clone(tmp_path: Path) -> None:
     run, _ = readme_commands()
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "HPO_STORAGE", "PYTHONPATH")}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
-    res = subprocess.run(["bash", "-c", run], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
+    res = subprocess.run(["bash", "-c", run], cwd=clone, env=env, capture_output=True, text=True, timeout=ceiling(1500))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "best trial #" in res.stdout
     study = optuna.load_study(study_name="lesson", storage=f"sqlite:///{clone / 'hpo.db'}")

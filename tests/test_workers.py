@@ -23,6 +23,7 @@ from hpo.storage import POOL_SIZE, open_storage
 from hpo.worker import WorkerOptions, budget_used, count_budget, reap, take_slots
 
 from .conftest import hpo_cli, write_study
+from .timing import ceiling
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -81,7 +82,8 @@ def wait_for(
 ) -> object:
     """``cond()`` once it is true; fails after ``timeout`` seconds, or at once if a watched process has exited
     (with what it printed: a worker that died or finished early is the answer, not a wait)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + ceiling(timeout)
+    got: object = None
     while time.monotonic() < deadline:
         got = cond()
         if got:
@@ -91,7 +93,7 @@ def wait_for(
                 said = "".join(part or "" for part in proc.communicate())[-3000:]
                 raise AssertionError(f"waiting for {what}: pid {proc.pid} exited {proc.returncode}: {said}")
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {ceiling(timeout):.0f} s waiting for {what} (last seen: {got!r})")
 
 
 def assert_budget_exact(url: str, name: str, budget: int) -> list[optuna.trial.FrozenTrial]:
