@@ -172,7 +172,12 @@ def hpo_cli(
     :func:`timing.ceiling`)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "hpo", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=ceiling(timeout)
+        [sys.executable, "-m", "hpo", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=ceiling(timeout),
     )
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from .conftest import ROOT, _server_url
+from .timing import ceiling
 
 
 def test_worker_throughput_quick() -> None:
@@ -15,7 +16,7 @@ def test_worker_throughput_quick() -> None:
         [sys.executable, str(ROOT / "benchmarks" / "worker_throughput.py"), "--quick", "--url", url],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=ceiling(300),
     )
     assert proc.returncode == 0, proc.stderr
     assert "hpo / Optuna" in proc.stdout

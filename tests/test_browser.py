@@ -21,6 +21,7 @@ import optuna
 import pytest
 
 from .conftest import ROOT, hpo_cli, write_study
+from .timing import ceiling
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = ROOT / "artifacts"
@@ -119,7 +120,7 @@ def test_dashboard_shows_study_written_by_workers(browser, postgres_url: str, tm
         assert len(optuna.load_study(study_name=name, storage=postgres_url).trials) == n
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=ceiling(10))
 
 
 def test_report_renders_every_plot(browser, sqlite_url: str, tmp_path: Path) -> None:  # noqa: ANN001
@@ -134,7 +135,7 @@ def test_report_renders_every_plot(browser, sqlite_url: str, tmp_path: Path) -> 
     browser.get("about:blank")
     browser.get_log("browser")  # drop what earlier pages logged
     browser.get(path.as_uri())
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ceiling(60)
     missing = ids
     while missing and time.monotonic() < deadline:
         missing = [i for i in ids if not browser.find_elements("css selector", f'[id="{i}"] svg.main-svg')]
@@ -160,7 +161,7 @@ def _open_report(browser, path: Path, shot: str) -> list[dict]:  # noqa: ANN001
     browser.get_log("browser")
     browser.get(path.as_uri())
     ids = re.findall(r'id="(plot-[^"]+)"', path.read_text())
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + ceiling(90)
     plots: list[dict] = []
     while time.monotonic() < deadline:
         plots = browser.execute_script(_PLOTS_JS)

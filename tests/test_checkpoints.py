@@ -20,6 +20,7 @@ from hpo.storage import open_storage
 from hpo.worker import WorkerOptions, replay, run_worker
 
 from .conftest import hpo_cli, write_study
+from .timing import ceiling
 
 FAST = ["--heartbeat", "1", "--grace", "3", "--threads", "1", "--quiet"]
 
@@ -65,7 +66,7 @@ def test_kill_9_in_epoch_6_resumes_from_the_checkpoint_bit_exact(
     env = {**os.environ, "HPO_STORAGE": sqlite_url}
     cmd = [sys.executable, "-m", "hpo", "worker", str(study), *FAST]
     victim = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + ceiling(240)
     while checkpoint_epoch(sqlite_url, study_name) < 5:  # epoch 5 saved: the worker is in epoch 6
         assert victim.poll() is None, victim.communicate()[1]
         assert time.monotonic() < deadline, "timed out waiting for the checkpoint of epoch 5"
@@ -77,7 +78,7 @@ def test_kill_9_in_epoch_6_resumes_from_the_checkpoint_bit_exact(
     saved = killed.user_attrs["checkpoint"]["epoch"]
     assert 5 <= saved < 10
 
-    survivor = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    survivor = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ceiling(300))
     assert survivor.returncode == 0, survivor.stderr
     original, copy = all_trials(sqlite_url, study_name)
     assert original.state == TrialState.FAIL

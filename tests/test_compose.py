@@ -27,6 +27,7 @@ from hpo.cli import app
 from hpo.storage import open_storage
 
 from .conftest import ROOT, write_study
+from .timing import ceiling
 
 COMPOSE = ROOT / "docker-compose.yml"
 _VAR = re.compile(r"\$\{(\w+)(?::([-?])([^}]*))?\}")
@@ -182,7 +183,7 @@ def test_init_then_worker_commands_run_natively_to_completion(
             env=native_env(services["init"], compose_env, secrets, url.database or ""),
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=ceiling(120),
         )
         assert init.returncode == 0, init.stderr
         argv = command(services["worker"], compose_env)
@@ -193,7 +194,7 @@ def test_init_then_worker_commands_run_natively_to_completion(
             for _ in range(2)
         ]
         for p in procs:
-            _, stderr = p.communicate(timeout=300)
+            _, stderr = p.communicate(timeout=ceiling(300))
             assert p.returncode == 0, stderr
         dash = native_env(services["dashboard"], compose_env, secrets, url.database or "")
         studies = subprocess.run(

@@ -35,6 +35,7 @@ from hpo.storage import LOCK_TABLE, budget_lock, denied_reason, ensure_lock_tabl
 
 from .conftest import _fresh_database, hpo_cli, write_study
 from .test_workers import ENV, finish, trials, wait_for
+from .timing import ceiling
 
 FAST = ["--heartbeat", "1", "--grace", "3", "--threads", "1", "--quiet"]
 
@@ -118,7 +119,7 @@ def running(url: str, name: str, n: int) -> list[int]:
 def pg_ctl(action: str, *args: str) -> None:
     cluster = sorted(os.listdir("/etc/postgresql"))[0]
     subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", *args, cluster, "main", action], check=True, timeout=120
+        ["pg_ctlcluster", "--skip-systemctl-redirect", *args, cluster, "main", action], check=True, timeout=ceiling(120)
     )
 
 
@@ -394,7 +395,7 @@ def test_lock_holder_sigstopped_for_30_s(postgres_url: str, study_name: str, tmp
     victim = None
     try:
         wait_for(lambda: len(started(tmp_path)) >= 4, "trials to start")
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ceiling(120)
         while victim is None and time.monotonic() < deadline:
             for p in procs:
                 p.send_signal(signal.SIGSTOP)
@@ -637,7 +638,7 @@ def pgbouncer(postgres_url: str, tmp_path: Path) -> Iterator[str]:
         yield url.set(port=port).render_as_string(hide_password=False) + "?prepare_threshold=none"
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=ceiling(30))
         log.close()
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -462,7 +462,12 @@ def test_bad_input_as_a_real_process(case_id: str, prepared: str, tmp_path: Path
     merged = {**os.environ, "HPO_STORAGE": prepared, **case.env}
     env = {k: v for k, v in merged.items() if v is not None}  # None: unset (the file's storage: is used)
     res = subprocess.run(
-        [sys.executable, "-m", "hpo", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+        [sys.executable, "-m", "hpo", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=ceiling(120),
     )
     check_clean_error(case, res.returncode, res.stdout, res.stderr)
     assert table_counts(db) == before, f"{case.id}: the database changed"
@@ -598,7 +603,7 @@ def test_dashboard_host_check_on_a_real_server(prepared: str) -> None:
         assert get(f"localhost:{port}") == 200
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=ceiling(30))
 
 
 # --------------------------------------------------------------------------- CSV and names

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from hpo.storage import open_storage
 
 from .conftest import ROOT, write_study
+from .timing import ceiling
 
 K8S = ROOT / "deploy" / "k8s"
 client = pytest.importorskip("kubernetes.client", reason="the kubernetes Python client is in the [test] extra")
@@ -195,7 +196,7 @@ def test_init_worker_and_dashboard_commands_run_natively(postgres_url: str, stud
     try:
         argv, env = native(by_kind("Job", "hpo-db-init"), secrets, database, roles)
         init = subprocess.run(
-            [sys.executable, "-m", "hpo", *argv[1:]], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "hpo", *argv[1:]], env=env, capture_output=True, text=True, timeout=ceiling(120)
         )
         assert init.returncode == 0, init.stderr
 
@@ -210,7 +211,7 @@ def test_init_worker_and_dashboard_commands_run_natively(postgres_url: str, stud
                 subprocess.Popen([sys.executable, "-m", "hpo", *argv[1:]], env=env, stderr=subprocess.PIPE, text=True)
             )
         for p in procs:
-            _, stderr = p.communicate(timeout=300)
+            _, stderr = p.communicate(timeout=ceiling(300))
             assert p.returncode == 0, stderr
 
         argv, env = native(by_kind("Deployment", "hpo-dashboard"), secrets, database, roles)

@@ -33,6 +33,7 @@ from hpo.spec import TrainingObjective, load_spec, parse_spec
 from hpo.worker import WorkerOptions, replay, run_worker
 
 from .conftest import ROOT, hpo_cli, write_study
+from .timing import ceiling
 
 LOSS_TOL = 1e-5
 
@@ -377,7 +378,7 @@ def test_killed_population_worker_has_all_its_trials_reaped(tmp_path: Path) -> N
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ceiling(120)
         running: list[optuna.trial.FrozenTrial] = []
         while time.monotonic() < deadline and len(running) < 4:
             time.sleep(0.5)
@@ -438,7 +439,7 @@ def test_population_workers_share_a_postgres_study_with_hyperband(postgres_url: 
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=240)
+        t.join(timeout=ceiling(240))
     assert len(results) == 2 and sum(r.ran for r in results) == 30
     trials = optuna.load_study(study_name=study_name, storage=postgres_url).trials
     assert len(trials) == 30 and sorted(t.number for t in trials) == list(range(30))

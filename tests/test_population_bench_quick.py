@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from .conftest import ROOT
+from .timing import ceiling
 
 
 def test_population_throughput_quick() -> None:
@@ -14,7 +15,7 @@ def test_population_throughput_quick() -> None:
         [sys.executable, str(ROOT / "benchmarks" / "population_throughput.py"), "--quick"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=ceiling(600),
     )
     assert proc.returncode == 0, proc.stderr
     assert "| case | batch | single-trial samples/s |" in proc.stdout

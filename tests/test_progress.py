@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 
 from .conftest import hpo_cli, write_study
+from .timing import ceiling
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -39,7 +40,7 @@ def worker(path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str
         env={**os.environ, **ENV, "HPO_STORAGE": url},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=ceiling(300),
     )
 
 
@@ -100,7 +101,7 @@ def test_worker_on_a_terminal_shows_a_live_progress_view(tmp_path: Path) -> None
             break
         chunks.append(data)
     os.close(leader)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=ceiling(120)) == 0
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
     assert "━" in screen and "3/3" in screen  # the bar, complete
     lines = {int(m[1]) for m in re.finditer(r"trial (\d+) COMPLETE value=", screen)}

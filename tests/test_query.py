@@ -21,6 +21,7 @@ from hpo.storage import open_read_only
 
 from .analyst_helpers import mixed_study
 from .conftest import hpo_cli
+from .timing import ceiling
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_optuna_cli_and_load_study_read_hpo_studies(mixed: tuple[str, str, optun
         [str(Path(sys.executable).parent / "optuna"), "trials", "--study-name", name, "--storage", url, "-f", "json"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=ceiling(120),
     )
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)) == 40

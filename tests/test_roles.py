@@ -37,6 +37,7 @@ from hpo.storage import open_storage
 from .analyst_helpers import mixed_study
 from .conftest import _fresh_database, hpo_cli, write_study
 from .test_dashboard import call
+from .timing import ceiling
 
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
@@ -306,7 +307,7 @@ def test_hpo_dashboard_process_refuses_writes_as_analyst(pg: Cluster, pg_study: 
             assert exc.value.code == 403 and json.loads(exc.value.read())["error"] == "read_only"
     finally:
         proc.terminate()
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=ceiling(30))
     assert "a-pw-1" not in stderr and "read-only" in stderr
     assert snapshot(pg.admin, name) == before
 
@@ -331,7 +332,7 @@ def test_workers_under_the_worker_role_meet_the_budget(pg: Cluster, study_name: 
         for _ in range(2)
     ]
     for p in procs:
-        _, stderr = p.communicate(timeout=300)
+        _, stderr = p.communicate(timeout=ceiling(300))
         assert p.returncode == 0, stderr
     reap = hpo_cli("reap", study_name, env={"HPO_STORAGE": pg.worker})
     assert reap.returncode == 0, reap.stderr

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from .conftest import ROOT
+from .timing import ceiling
 
 
 def test_search_efficiency_quick(tmp_path) -> None:
@@ -15,7 +16,7 @@ def test_search_efficiency_quick(tmp_path) -> None:
         [sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=ceiling(600),
     )
     assert proc.returncode == 0, proc.stderr
     assert "| problem (target) | strategy | median epochs | median CPU s |" in proc.stdout

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from hpo.storage import open_storage
 
 from .conftest import ROOT, hpo_cli, write_study
+from .timing import ceiling
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = ROOT / "deploy" / "slurm" / "hpo-worker.sbatch"
@@ -88,7 +89,9 @@ class Cluster:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def run(self, *cmd: str, check: bool = True) -> str:
-        done = subprocess.run([_exe(cmd[0]), *cmd[1:]], env=self.env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [_exe(cmd[0]), *cmd[1:]], env=self.env, capture_output=True, text=True, timeout=ceiling(60)
+        )
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)}: {done.stderr.strip()}")
         return done.stdout
@@ -140,7 +143,7 @@ class Cluster:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
-                    p.wait(timeout=30)
+                    p.wait(timeout=ceiling(30))
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
@@ -203,7 +206,7 @@ def test_job_array_meets_the_budget_and_a_cancelled_task_trial_is_finished_by_an
     job = out.strip().split(";")[0]
 
     # Wait for a task to run a trial, find that task's own job id by its worker's pid, and cancel it.
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ceiling(120)
     victim = None
     while victim is None:
         assert time.monotonic() < deadline, f"no task started a trial: {cluster.logs()}"
@@ -222,7 +225,7 @@ def test_job_array_meets_the_budget_and_a_cancelled_task_trial_is_finished_by_an
     task_job = ids[raw_id]  # JOB_TASK: scancel takes an array task by that name
     cluster.run("scancel", task_job)
 
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + ceiling(240)
     while cluster.run("squeue", "-h", "-j", job, check=False).strip():
         assert time.monotonic() < deadline, f"the array did not finish: {cluster.logs()}"
         time.sleep(1)

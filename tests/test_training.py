@@ -16,6 +16,7 @@ from hpo.spec import load_spec, parse_spec
 from hpo.worker import WorkerOptions, replay, run_worker
 
 from .conftest import STUDIES, hpo_cli, write_study
+from .timing import ceiling
 
 FAST = WorkerOptions(heartbeat_interval=None, threads=1, handle_signals=False)
 
@@ -304,7 +305,7 @@ def test_capable_architecture_reaches_095(tmp_path: Path) -> None:
         "20",
         "--workers",
         "2",
-        timeout=900,
+        timeout=ceiling(900),
     )
     assert res.returncode == 0, res.stderr
     assert _study(url, "spirals-architecture").best_value >= 0.95

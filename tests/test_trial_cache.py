@@ -17,6 +17,7 @@ from hpo.storage import budget_counts, open_storage, retry_callback
 from hpo.worker import WorkerOptions, take_slots
 
 from .conftest import ROOT, _server_url
+from .timing import ceiling
 
 X = {"x": FloatDistribution(-10.0, 10.0)}
 
@@ -198,7 +199,7 @@ def test_coordination_scale_benchmark_quick() -> None:
         [sys.executable, str(ROOT / "benchmarks" / "coordination_scale.py"), "--quick", "--json", "--url", url],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=ceiling(600),
     )
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -56,7 +56,7 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float = 240) -> list[tup
     """Wait for every process; (exit status, stderr) each."""
     results = []
     for p in procs:
-        _, stderr = p.communicate(timeout=timeout)
+        _, stderr = p.communicate(timeout=ceiling(timeout))
         results.append((p.returncode, stderr))
     return results
 
@@ -246,7 +246,9 @@ def test_postgres_restart_while_workers_run(postgres_url: str, study_name: str, 
 
     before = set(wait_for(done, "8 finished trials"))  # type: ignore[arg-type]
     cluster = sorted(os.listdir("/etc/postgresql"))[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"], check=True, timeout=120)
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"], check=True, timeout=ceiling(120)
+    )
     results = finish(procs, timeout=300)
     for rc, stderr in results:
         assert rc == 0, stderr
@@ -367,7 +369,7 @@ def test_a_worker_for_a_users_objective_imports_no_heavy_library(tmp_path: Path)
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(path), f"sqlite:///{tmp_path / 'db.sqlite'}"],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, timeout=ceiling(120), cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "imported:"
