@@ -807,17 +807,47 @@ def check(
     if fmt == OutputFormat.json:
         _emit([v.as_dict() for v in verdicts], fmt, "")
         return
-    rows = [
-        {
-            "param": v.param,
-            "claim": v.claim + (f" ({v.better} is better)" if v.better else ""),
-            "verdict": v.verdict,
-            "trials": v.n_trials,
-            "evidence": v.reason + (f" To settle it: {v.next_step}." if v.next_step else ""),
-        }
-        for v in verdicts
-    ]
-    _emit(rows, fmt, f"predictions of {name}")
+    if fmt == OutputFormat.csv:
+        rows = [
+            {
+                "param": v.param,
+                "claim": v.claim + (f" ({v.better} is better)" if v.better else ""),
+                "verdict": v.verdict,
+                "trials": v.n_trials,
+                "evidence": v.reason + (f" To settle it: {v.next_step}." if v.next_step else ""),
+            }
+            for v in verdicts
+        ]
+        _emit(rows, fmt, f"predictions of {name}")
+        return
+    _print_verdicts(name, verdicts)
+
+
+def _print_verdicts(name: str, verdicts: list[Any]) -> None:
+    """One block per prediction, wrapped to the terminal: the claim in plain words, then the verdict and its evidence
+    as a sentence, indented (reads at 80 columns; a table squeezed the evidence into a narrow column)."""
+    import textwrap
+
+    from rich.text import Text
+
+    from hpo.hypotheses import claim_words
+    from hpo.render import visible
+
+    width = max(40, out.width)
+    style = {"supported": "green", "refuted": "red"}
+    out.print(text(f"predictions of {name}", style="bold"))
+    for v in verdicts:
+        words = claim_words(v.claim, v.param, v.better)
+        said = f"{v.param}: " + (f"“{v.note}” ({words})" if v.note else words)
+        evidence = f"{v.verdict} ({v.n_trials} trials). {v.reason}" + (
+            f" To settle it: {v.next_step}." if v.next_step else ""
+        )
+        head = "\n".join(textwrap.wrap(visible(said), width))
+        body = Text("\n".join(textwrap.wrap(visible(evidence), width, initial_indent="  ", subsequent_indent="  ")))
+        body.stylize(style.get(v.verdict, "yellow"), 2, 2 + len(v.verdict))
+        out.print()
+        out.print(Text(head), soft_wrap=True)
+        out.print(body, soft_wrap=True)
 
 
 @app.command()

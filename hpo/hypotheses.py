@@ -97,6 +97,31 @@ class Verdict:
         return asdict(self)
 
 
+def claim_words(claim: str, param: str, better: str | None = None) -> str:
+    """A claim in plain words, as a learner would say it (``optimum_near_edge``, lower: "the best batch_size is at
+    the low end of its range")."""
+    end = {"lower": "low", "higher": "high"}.get(better or "")
+    if claim == "increasing":
+        return f"the result rises as {param} grows"
+    if claim == "decreasing":
+        return f"the result falls as {param} grows"
+    if claim == "no_effect":
+        return f"{param} makes no difference"
+    if claim == "diminishing_returns":
+        if better:
+            return f"{'lowering' if better == 'lower' else 'raising'} {param} helps less and less"
+        return f"moving {param} towards one end of its range helps less and less"
+    if claim == "interior_optimum":
+        return f"the best {param} lies inside its range, away from both ends"
+    if claim == "optimum_near_edge":
+        return (
+            f"the best {param} is at the {end} end of its range"
+            if end
+            else f"the best {param} is at one end of its range"
+        )
+    return claim.replace("_", " ")
+
+
 def plot_id(param: str) -> str:
     """The HTML id of the report's plot of ``param``'s effect (:mod:`hpo.report`)."""
     return f"plot-effect-{_SAFE.sub('_', param)}"

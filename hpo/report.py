@@ -42,7 +42,7 @@ from plotly.offline import get_plotlyjs
 
 from hpo import query
 from hpo.errors import HpoError, SpecError
-from hpo.hypotheses import Verdict, check
+from hpo.hypotheses import Verdict, check, claim_words
 from hpo.progress import metric_names
 from hpo.render import visible
 from hpo.spec import Prediction, StudySpec, parse_spec
@@ -808,12 +808,12 @@ _GLOSSARY = [
 
 def _verdict_html(v: Verdict) -> str:
     cls = {"supported": "supported", "refuted": "refuted"}.get(v.verdict, "unknown")
-    said = f"“{html.escape(v.note)}”" if v.note else html.escape(v.claim.replace("_", " "))
-    direction = f" ({html.escape(v.better)} is better)" if v.better else ""
+    words = claim_words(v.claim, _label(v.param), v.better)
+    said = f"“{html.escape(v.note)}” ({html.escape(words)})" if v.note else html.escape(words)
     nxt = f"<br><small>To settle it: {html.escape(v.next_step)}.</small>" if v.next_step else ""
     return (
         f"<p class='verdict v-{cls}'>Prediction on <b>{html.escape(_label(v.param))}</b>: {said}"
-        f" <small>[{html.escape(v.claim)}{direction}]</small> <span class='{cls}'>{html.escape(v.verdict)}</span>"
+        f" <span class='{cls}'>{html.escape(v.verdict)}</span>"
         f" ({v.n_trials} trials): <span class='sentence'>{html.escape(v.reason)}</span>"
         f" <a href='#{html.escape(v.plot or '')}'>See the plot.</a>{nxt}</p>"
     )

@@ -250,3 +250,37 @@ def test_check_cli_prints_verdicts(tmp_path, fmt: str) -> None:  # noqa: ANN001
         assert out["verdict"] == "supported" and out["n_trials"] == 30 and out["evidence"]["rho"] == 1.0
     else:
         assert "supported" in res.stdout
+
+
+def test_check_reads_at_80_columns_in_plain_words(tmp_path) -> None:  # noqa: ANN001
+    """One block per prediction (claim in plain words, then verdict and evidence as a sentence), every line within
+    the 80 columns the terminal has, and no internal claim names in the prose."""
+    import optuna
+    from analyst_helpers import DISTS
+    from optuna.trial import create_trial
+
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    study = optuna.create_study(study_name="h", storage=url, direction="maximize")
+    study.add_trials(
+        [
+            create_trial(value=float(i), params={"lr": 10 ** (-3 + i / 10)}, distributions={"lr": DISTS["lr"]})
+            for i in range(30)
+        ]
+    )
+    predictions = [
+        {"param": "lr", "claim": "increasing", "note": "a larger learning rate always helps, whatever the batch size"},
+        {"param": "lr", "claim": "optimum_near_edge", "better": "lower"},
+        {"param": "lr", "claim": "diminishing_returns", "better": "higher"},
+    ]
+    path = write_study(tmp_path / "h.yaml", "h", predictions=predictions)
+    res = hpo_cli("check", str(path), "--storage", url, env={"COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, res.stdout
+    for internal in ("optimum_near_edge", "diminishing_returns", "is better)"):
+        assert internal not in res.stdout, res.stdout
+    assert "the best lr is at the low end of its range" in res.stdout
+    assert "raising lr helps less and less" in res.stdout
+    blocks = [b for b in res.stdout.split("\n\n")[1:] if b.strip()]
+    assert len(blocks) == 3 and all(b.splitlines()[0].startswith("lr: ") for b in blocks), res.stdout
+    assert sum(len(b.splitlines()) for b in blocks) <= 15, res.stdout  # 36 lines for 3 verdicts in the old table
