@@ -52,13 +52,38 @@ def run(
     Raises:
         HpoError: a mistake in the study file, the storage URL or the options (one-line message).
     """
+    check_not_shadowed()
+    with _quiet_optuna():
+        return _run(study, storage, n_trials, timeout, threads, device, population, progress)
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna's INFO lines ("A new study created ...") are the command line's log, not a notebook cell's output."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def _run(
+    study: str | Path | StudySpec,
+    storage: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    threads: int | None,
+    device: str,
+    population: int | str | None,
+    progress: bool,
+) -> optuna.Study:
     from rich.console import Console
 
     from hpo.progress import StudyProgress
     from hpo.storage import open_storage, resolve_url
     from hpo.worker import WorkerOptions, create, load, run_worker
 
-    check_not_shadowed()
     spec = study if isinstance(study, StudySpec) else load_spec(study)
     url = resolve_url(storage, spec.storage)
     create(spec, url)

@@ -13,6 +13,7 @@ is what :func:`hpo.run` uses.
 
 from __future__ import annotations
 
+import html
 import logging
 import sys
 import time
@@ -116,6 +117,10 @@ class StudyProgress:
         self.seen: set[int] = set()
         self.metric: list[str] = ["value"]
         self.console = console or Console(stderr=True)
+        #: in Jupyter one output updated in place (IPython's display handle): rich's live bar needs ipywidgets there,
+        #: and without it printed a copy of the bar (and a warning) per refresh
+        self.handle: Any = None
+        self.started = time.monotonic()
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -138,7 +143,13 @@ class StudyProgress:
         # trials finished before this run are counted, not listed again
         self.seen = {t.number for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()}
         self.task = self.bar.add_task(Text(visible(self.name), style="bold").markup, total=self.budget, info="")
-        self.bar.start()
+        self.started = time.monotonic()
+        if self.console.is_jupyter:
+            from IPython.display import display
+
+            self.handle = display(self._bundle(0, ""), raw=True, display_id=True)
+        else:
+            self.bar.start()
         self.poll(force=True)
         return self.poll
 
@@ -164,13 +175,27 @@ class StudyProgress:
             best = f"best {pick(t.value for t in complete):.4g}  "
         # against the budget, by its rule: a failed trial that was re-queued gives its slot to its copy
         counted, running = count_budget(trials)
-        self.bar.update(self.task, completed=counted - running, info=f"{best}pruned {pruned}  failed {failed}")
+        info = f"{best}pruned {pruned}  failed {failed}"
+        if self.handle is not None:
+            self.handle.update(self._bundle(counted - running, info), raw=True)
+        else:
+            self.bar.update(self.task, completed=counted - running, info=info)
+
+    def _bundle(self, done: int, info: str) -> dict[str, str]:
+        """The bar as a notebook output: text for any viewer, an HTML ``<progress>`` where HTML renders."""
+        elapsed = int(time.monotonic() - self.started)
+        clock = f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
+        of = f"{done}/{self.budget}" if self.budget else f"{done}"
+        line = f"{visible(self.name)} {of}  {info}  {clock}"
+        bar = f"<progress value='{done}' max='{self.budget or max(done, 1)}'></progress>"
+        return {"text/plain": line, "text/html": f"{bar} <code>{html.escape(line)}</code>"}
 
     def __exit__(self, *exc: Any) -> None:
         try:
             self.poll()
         finally:
-            self.bar.stop()
+            if self.handle is None:
+                self.bar.stop()
 
 
 __all__ = ["TRIAL_LOG", "StudyProgress", "TrialLog", "metric_names", "trial_line", "trial_logger"]

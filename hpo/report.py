@@ -732,6 +732,18 @@ def _figures(ctx: _Study) -> dict[str, go.Figure]:
     return figs
 
 
+def _html_fallback_in_notebooks() -> None:
+    """In a Jupyter kernel, plotly shows figures only as its own mime type, which a viewer without plotly's renderer
+    (nbviewer, GitHub, an exported notebook) draws as nothing: add the HTML renderer (plotly.js embedded once), unless
+    the user chose a renderer."""
+    import sys
+
+    import plotly.io as pio
+
+    if "ipykernel" in sys.modules and pio.renderers.default == "plotly_mimetype":
+        pio.renderers.default = "plotly_mimetype+notebook"
+
+
 def figures(study: optuna.Study, spec: StudySpec | None = None) -> dict[str, go.Figure]:
     """The report's figures as plotly objects, by key (the HTML report shows each as ``plot-<key>``).
 
@@ -744,6 +756,7 @@ def figures(study: optuna.Study, spec: StudySpec | None = None) -> dict[str, go.
         >>> study = optuna.load_study(study_name="lesson", storage="sqlite:///hpo.db")  # doctest: +SKIP
         >>> hpo.report.figures(study)["effect-lr"].show()  # doctest: +SKIP
     """
+    _html_fallback_in_notebooks()
     return _figures(_Study(study, spec))
 
 
