@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
@@ -130,6 +131,26 @@ def _sig(v: Any) -> str:
         text = f"{v:.3g}"
         return f"{v:.0f}" if "e+" in text else text
     return str(v)
+
+
+def _val(v: Any) -> str:
+    """A parameter's value as a learner reads it: choices by their label (SGD with momentum), numbers by _sig."""
+    return _label(v) if isinstance(v, str) else _sig(v)
+
+
+def _configs(ctx: _Study) -> list[tuple[dict[str, Any], list[Any]]]:
+    """Complete trials grouped by their parameters (a configuration and its seeds), best mean first."""
+    groups: dict[tuple[tuple[str, str], ...], list[Any]] = {}
+    for t in ctx.complete:
+        groups.setdefault(tuple(sorted((k, repr(v)) for k, v in t.params.items())), []).append(t)
+    ranked = sorted(groups.values(), key=lambda g: float(np.mean([t.value for t in g])), reverse=ctx.maximize)
+    return [(g[0].params, g) for g in ranked]
+
+
+def _mean_sd(trials: list[Any]) -> str:
+    values = [t.value for t in trials]
+    sd = f" ± {_sig(float(np.std(values, ddof=1)))}" if len(values) > 1 else ""
+    return f"{_sig(float(np.mean(values)))}{sd}"
 
 
 class _Study:
@@ -857,9 +878,21 @@ def _summary(ctx: _Study, imps_top: str | None, verdicts: list[Verdict]) -> list
     if ctx.multi:
         return _front_summary(ctx) + ([imps_top] if imps_top else [])
     best = sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[0]  # type: ignore[arg-type,return-value]
-    params = ", ".join(f"{_label(k)} {_sig(v)}" for k, v in sorted(best.params.items()))
+    params = ", ".join(f"{_label(k)} {_val(v)}" for k, v in sorted(best.params.items()))
     chance = f" (chance is {_sig(ctx.chance)})" if ctx.chance is not None else ""
-    lines = [f"Best {ctx.metric}: {_sig(best.value)}{chance}, trial #{best.number} with {params}."]
+    seeded = [(c, g) for c, g in _configs(ctx) if len(g) > 1]
+    if seeded:  # seeds: the best is a configuration's mean over its seeds, not a lucky seed
+        config, seeds = seeded[0]
+        said = ", ".join(f"{_label(k)} {_val(v)}" for k, v in sorted(config.items()))
+        own = next(g for c, g in _configs(ctx) if best in g)
+        lines = [
+            f"Best configuration by its mean over {len(seeds)} seeds: {ctx.metric} {_mean_sd(seeds)}{chance}, "
+            f"with {said}.",
+            f"The single best trial, #{best.number} at {_sig(best.value)}, is one seed of {params}, whose "
+            f"{len(own)} seeds average {_mean_sd(own)}.",
+        ]
+    else:
+        lines = [f"Best {ctx.metric}: {_sig(best.value)}{chance}, trial #{best.number} with {params}."]
     if verdicts:
         counts = pd.Series([v.verdict for v in verdicts]).value_counts()
         lines.append(
@@ -870,6 +903,53 @@ def _summary(ctx: _Study, imps_top: str | None, verdicts: list[Verdict]) -> list
     return lines
 
 
+def _choices_sentence(ctx: _Study, name: str) -> str:
+    """A categorical parameter's answer in one sentence: the choices by their mean (with spread and n), and whether
+    the lead of the best over the next is larger than the spread over seeds (else the data cannot tell them apart)."""
+    trials, swept = ctx.about(name)
+    groups: dict[str, list[Any]] = {}
+    for t in trials:
+        if t.value is not None:
+            groups.setdefault(str(t.params[name]), []).append(t)
+    if len(groups) < 2:
+        return ""
+    ranked = sorted(groups.items(), key=lambda kv: float(np.mean([t.value for t in kv[1]])), reverse=ctx.maximize)
+    means = [float(np.mean([t.value for t in g])) for _, g in ranked]
+    first, second = ranked[0][1], ranked[1][1]
+    spread = max(float(np.std([t.value for t in g], ddof=1)) if len(g) > 1 else 0.0 for g in (first, second))
+    gap = abs(means[0] - means[1])
+    where = "in its sweep (the other hyperparameters at the baseline)" if swept else f"over all {len(trials)} trials"
+    verdict = (
+        f"its lead over {_val(ranked[1][0])} ({_sig(gap)}) is larger than the spread over seeds ({_sig(spread)})"
+        if gap > spread
+        else f"but its lead over {_val(ranked[1][0])} ({_sig(gap)}) is within the spread over seeds "
+        f"({_sig(spread)}): these data do not tell them apart"
+    )
+    order = "; ".join(f"{_val(c)} {_mean_sd(g)} (n={len(g)})" for c, g in ranked)
+    text = f"On average {where}, {_val(ranked[0][0])} does best; {verdict}. Means: {order}."
+    return f"<p class='verdict sentence'>{html.escape(visible(text))}</p>"
+
+
+def _config_table(ctx: _Study) -> str:
+    """With seeds: the ten best configurations by their mean over seeds."""
+    configs = [(c, g) for c, g in _configs(ctx) if len(g) > 1][:10]
+    if not configs:
+        return ""
+    names = sorted({k for c, _ in configs for k in c})
+    head = [f"{ctx.metric} (mean ± sd)", "seeds", *[_label(k) for k in names], "trials"]
+    rows = []
+    for c, g in configs:
+        cells = [_mean_sd(g), str(len(g)), *[_val(c.get(k)) for k in names], " ".join(f"#{t.number}" for t in g)]
+        rows.append("<tr>" + "".join(f"<td class='num'>{html.escape(x)}</td>" for x in cells) + "</tr>")
+    return (
+        "<h2 id='best-configurations'>Best configurations (mean over seeds)</h2><table id='best-configurations-table'><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
 def _best_table(ctx: _Study) -> str:
     """The ten best trials; several objectives: every trial of the Pareto front, by the first metric."""
     top = ctx.front or sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[:10]  # type: ignore[arg-type,return-value]
@@ -878,7 +958,7 @@ def _best_table(ctx: _Study) -> str:
     head = ["trial", *metrics, *[_label(k) for k in names], "seed", "duration (s)"]
     rows = []
     for t in top:
-        cells = [str(t.number), *[_sig(v) for v in t.values], *[_sig(t.params.get(k)) for k in names]]
+        cells = [str(t.number), *[_sig(v) for v in t.values], *[_val(t.params.get(k)) for k in names]]
         cells.append(_sig(t.user_attrs.get("seed")))
         cells.append(_sig(t.duration.total_seconds()) if t.duration is not None else "")
         rows.append("<tr>" + "".join(f"<td class='num'>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -978,6 +1058,7 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     if "optimizer" in figs:
         out.append("<h2 id='optimizers'>Optimizers</h2>")
         out += [_verdict_html(v) for v in by_param.get("optimizer", [])]
+        out.append(_choices_sentence(ctx, "optimizer"))
         out.append(_plot(figs, "optimizer"))
     if "grokking-curves" in figs or "grokking-steps" in figs:
         out.append(
@@ -994,6 +1075,8 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         out.append(_plot(figs, "importances"))
     if "history" in figs:
         out.append("<h2 id='search'>The search</h2>" + _plot(figs, "history"))
+    if not ctx.multi:
+        out.append(_config_table(ctx))
     best_title = "Best trials: the Pareto front" if ctx.multi else "Best trials"
     out.append(f"<h2 id='best'>{best_title}</h2>" + _best_table(ctx))
     out.append(

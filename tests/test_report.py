@@ -106,3 +106,27 @@ def test_hostile_study_name_stays_in_folder(sqlite_url: str, tmp_path: Path) -> 
     assert list(folder.iterdir()) == [path]
     for name in ("..", "/", "a/../../b", "..\\..\\c", ""):
         assert "/" not in safe_filename(name) and not safe_filename(name).startswith(".")
+
+
+def test_seeded_best_is_a_configurations_mean_not_a_lucky_seed(sqlite_url: str, tmp_path: Path) -> None:
+    """With seeds, the summary names the best configuration by its mean over seeds (with its spread) and the single
+    best trial only as such; the optimizers get a sentence saying which does best on average and whether the data
+    tell it from the next; a table ranks configurations by their means."""
+    from optuna.distributions import CategoricalDistribution
+
+    dists = {"lr": DISTS["lr"], "optimizer": CategoricalDistribution(["adam", "sgd_momentum"])}
+    study = optuna.create_study(study_name="seeded", storage=sqlite_url, direction="maximize")
+    lucky = [0.95, 0.50, 0.52, 0.51]  # adam: one lucky seed, a poor mean
+    steady = [0.80, 0.79, 0.81, 0.80]  # SGD with momentum: the best mean
+    for opt, values in (("adam", lucky), ("sgd_momentum", steady)):
+        for v in values:
+            study.add_trial(create_trial(value=v, params={"lr": 0.01, "optimizer": opt}, distributions=dists))
+    html_text = write_report(sqlite_url, "seeded", tmp_path / "r.html").read_text()
+    text = re.sub(r"<[^>]+>", " ", html_text)
+    assert "Best configuration by its mean over 4 seeds: value 0.8 ± 0.00816" in text, text[:2000]
+    assert "optimizer SGD with momentum" in text
+    assert "The single best trial, #0 at 0.95, is one seed of learning rate 0.01, optimizer adam" in text
+    assert "whose 4 seeds average 0.62 ± 0.22" in text
+    # the lucky seed makes adam's spread (0.22) larger than the lead (0.18): the sentence says the data cannot tell
+    assert "SGD with momentum does best; but its lead over adam (0.18) is within the spread over seeds (0.22)" in text
+    assert "id='best-configurations-table'" in html_text and "sgd_momentum" not in text.split("Glossary")[0]
