@@ -1,6 +1,6 @@
 """Training-loop throughput: hpo's objective against the lesson's loop, side by side in one run.
 
-The lesson's loop (shared/EXERCISE.md) builds ``DataLoader(TensorDataset(x, y), batch_size, shuffle=True)`` every
+The lesson's loop (docs/lesson.md) builds ``DataLoader(TensorDataset(x, y), batch_size, shuffle=True)`` every
 epoch and runs ``optimizer.zero_grad(); loss.backward(); optimizer.step()``, then validates. Both sides train the
 same model on the same data with the same optimizer, learning rate and thread count, validation each epoch included.
 For the larger models the "bare" column is forward + backward + step alone over pre-cut batches (no shuffling, no

@@ -141,7 +141,7 @@ ParamSpec = Annotated[
 
 
 class SpiralsData(_Strict):
-    """Two interlaced spirals, exactly as the lesson draws them (see EXERCISE.md)."""
+    """Two interlaced spirals, exactly as the lesson draws them (see docs/lesson.md)."""
 
     source: Literal["spirals"]
     n_train: int = Field(4000, ge=2)

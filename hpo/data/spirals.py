@@ -1,4 +1,4 @@
-"""Two interlaced spirals, as the lesson draws them (shared/EXERCISE.md).
+"""Two interlaced spirals, as the lesson draws them (docs/lesson.md).
 
 phi ~ U[1, 15]; point = ((phi + 1) cos phi, phi sin phi) + N(0, noise^2) per coordinate; the second half of the
 points is negated and labelled 1. Train, validation and test sets are drawn independently, from one seed.
