@@ -318,9 +318,29 @@ def _effect(ctx: _Study, name: str, dist: Any) -> go.Figure:
         legend={"orientation": "h", "y": -0.22},
     )
     if log:
-        fig.update_xaxes(type="log")
+        _log_axis(fig, "xaxis", [float(t.params[name]) for t in trials])
     _ticks_at(fig, sorted({float(t.params[name]) for t in trials}))
     return fig
+
+
+def _log_axis(fig: go.Figure, axis: str, values: list[float]) -> None:
+    """A log axis labelled at 1, 2, 5 x 10^k inside the data's range, each label a whole number as a learner writes
+    it ("20", "0.005"): plotly's own labels on a short log range read "10 2 3 4" (minor digits that look like
+    values)."""
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    fig.update_layout({axis: {"type": "log"}})
+    if not positive:
+        return
+    lo, hi = min(positive), max(positive)
+    ticks = [
+        m * 10.0**k
+        for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+        for m in (1, 2, 5)
+        if lo / 1.5 <= m * 10.0**k <= hi * 1.5
+    ]
+    if len(ticks) > 9:  # a wide range: decades only
+        ticks = [t for t in ticks if f"{t:.0e}".startswith("1")]
+    fig.update_layout({axis: {"tickvals": ticks, "ticktext": [_sig(float(f"{t:.1g}")) for t in ticks]}})
 
 
 def _ticks_at(fig: go.Figure, values: list[float]) -> None:
@@ -416,9 +436,9 @@ def _interaction(ctx: _Study, a: str, b: str) -> go.Figure | None:
         showlegend=False,
     )
     if _is_log(ctx.dists.get(a)):
-        fig.update_xaxes(type="log")
+        _log_axis(fig, "xaxis", [float(t.params[a]) for t in both])
     if _is_log(ctx.dists.get(b)):
-        fig.update_yaxes(type="log")
+        _log_axis(fig, "yaxis", [float(t.params[b]) for t in both])
     return fig
 
 
@@ -451,13 +471,17 @@ def _curves(ctx: _Study) -> go.Figure | None:
                 hoverinfo="skip",
             )
         )
+        n = grp.groupby("step")["number"].nunique()
+        first, last = steps[0], steps[-1]
         fig.add_trace(
             go.Scatter(
                 x=steps,
                 y=list(q[0.5]),
                 mode="lines+markers",
                 line={"color": c, "width": 2},
-                name=f"{state}: median of {grp['number'].nunique()} trials",
+                text=[f"n={n[s]}" for s in steps],
+                hovertemplate="epoch %{x}: median %{y:.3g}, %{text} trials<extra></extra>",
+                name=f"{state}: median ({n[first]} trials at epoch {first}, {n[last]} at {last})",
             )
         )
     if ctx.chance is not None:
@@ -602,7 +626,7 @@ def _grokking_steps(ctx: _Study, name: str) -> go.Figure | None:
         legend={"orientation": "h", "y": -0.22},
     )
     if _is_log(ctx.dists.get(name)):
-        fig.update_xaxes(type="log")
+        _log_axis(fig, "xaxis", [float(v) for v in x])
     _ticks_at(fig, sorted({float(v) for v in x}))
     return fig
 
@@ -685,11 +709,23 @@ def _pareto(ctx: _Study) -> go.Figure:
             marker={"color": RED if on_front else GREY, "size": 10 if on_front else 7, "colorscale": None,
                     "showscale": False, "line": {"color": "white", "width": 0.5}},
         )  # fmt: skip
+    if len(names) == 2 and len(ctx.front) > 1:  # the front as a line, from one end to the other
+        ends = sorted((t.values[0], t.values[1]) for t in ctx.front)
+        fig.add_trace(
+            go.Scatter(
+                x=[a for a, _ in ends],
+                y=[b for _, b in ends],
+                mode="lines",
+                line={"color": RED, "width": 1.5, "dash": "dot"},
+                name="the front",
+                hoverinfo="skip",
+            )
+        )
     if len(names) == 2:  # a compute metric spans decades (ms to s): log axes where the values allow
         for i, axis in enumerate(("xaxis", "yaxis")):
             values = [t.values[i] for t in ctx.complete_all]
             if values and min(values) > 0 and max(values) / min(values) > 100:
-                fig.update_layout({axis: {"type": "log"}})
+                _log_axis(fig, axis, values)
     against = " against ".join(f"{m} ({d.name.lower()})" for m, d in zip(names, ctx.study.directions, strict=False))
     fig.update_layout(
         title={
@@ -955,7 +991,15 @@ def _best_table(ctx: _Study) -> str:
     top = ctx.front or sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[:10]  # type: ignore[arg-type,return-value]
     names = sorted({k for t in top for k in t.params})
     metrics = ctx.metrics if ctx.multi else [ctx.metric]
-    head = ["trial", *metrics, *[_label(k) for k in names], "seed", "duration (s)"]
+    shared = any((t.user_attrs.get("population") or 1) > 1 for t in top)
+    # population mode trains a trial with others at once: its duration is the group's wall time, not its own
+    head = [
+        "trial",
+        *metrics,
+        *[_label(k) for k in names],
+        "seed",
+        "wall time, shared by its population (s)" if shared else "duration (s)",
+    ]
     rows = []
     for t in top:
         cells = [str(t.number), *[_sig(v) for v in t.values], *[_val(t.params.get(k)) for k in names]]

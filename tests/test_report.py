@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState, create_trial
 
 from hpo.report import safe_filename, write_report
@@ -52,6 +53,14 @@ def test_figures_are_plotly_objects_with_data(sqlite_url: str) -> None:
     curves = figs["curves"]
     outcomes = Counter(t.name.split(":")[0] for t in curves.data)  # a median and a band per outcome, not 40 lines
     assert outcomes == {"complete": 2, "pruned": 2, "fail": 2}
+    # honest legends: how many trials each median stands on, at its first and last epoch
+    medians = [t for t in curves.data if "median" in t.name]
+    assert all(re.search(r"median \(\d+ trials at epoch \d+, \d+ at \d+\)", t.name) for t in medians), medians
+    # readable log axes: labels at 1, 2, 5 x 10^k, each a whole number (not plotly's minor "2 3 4" digits)
+    for axis in (figs["interaction"].layout.xaxis, figs["interaction"].layout.yaxis):
+        assert axis.type == "log" and axis.tickvals, axis
+        for value, label in zip(axis.tickvals, axis.ticktext, strict=True):
+            assert float(label) == pytest.approx(value) and f"{value:.0e}"[0] in "125", (value, label)
 
 
 def test_empty_study_gives_honest_report(sqlite_url: str, tmp_path: Path) -> None:
