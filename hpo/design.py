@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from hpo.spec import DesignSpec, FloatParam, IntParam
+from hpo.spec import DesignSpec, FloatParam, IntParam, point_key
 
 SWEEP, SAMPLE = "sweep", "sample"
 
 
 def _key(params: dict[str, Any]) -> str:
-    return repr(sorted(params.items()))
+    return point_key(params)
 
 
 def sweep_points(design: DesignSpec) -> list[tuple[dict[str, Any], list[str]]]:

@@ -134,7 +134,9 @@ def _fmt(v: float) -> str:
 
 
 def _delta(v: float) -> str:
-    return f"{abs(v):.2g}"
+    """A difference's size, 2 significant figures, whole numbers written out (1200, not 1.2e+03)."""
+    text = f"{abs(v):.2g}"
+    return f"{float(text):.0f}" if "e+" in text else text
 
 
 def _quadratic(u: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -332,13 +334,13 @@ def _judge(claim: str, better: str | None, ev: dict[str, Any], w: _Words) -> tup
             if toward and not falls and dhi < 0:
                 return REFUTED, f"{whole}, and the gains grow rather than flatten towards {w.name} {w.x(near)}"
         if rises_then_falls:
-            return REFUTED, f"it turns rather than levels off: {w.peak()}, falling towards both edges"
+            return REFUTED, f"it turns rather than levels off: {w.peak()}, worse towards both edges"
         return UNKNOWN, f"{whole}; whether the gains flatten out is within the noise"
     if claim == "interior_optimum":
         if rises_then_falls:
             return (
                 SUPPORTED,
-                f"{w.peak()}; it falls by {_delta(w.m(p) - w.m(0))} towards {w.name} {w.x(0)} and by {_delta(w.m(p) - w.m(last))} towards {w.x(last)}",
+                f"{w.peak()}; it is worse by {_delta(w.m(p) - w.m(0))} towards {w.name} {w.x(0)} and by {_delta(w.m(p) - w.m(last))} towards {w.x(last)}",
             )
         if flat:
             return REFUTED, f"no optimum: {w.flat()}"
@@ -356,7 +358,7 @@ def _judge(claim: str, better: str | None, ev: dict[str, Any], w: _Words) -> tup
             if zones == {zone} or (toward and not falls):
                 return SUPPORTED, f"{w.peak()}; {w.change(edge_j, last - edge_j)}"
         if rises_then_falls:
-            return REFUTED, f"the optimum is in the middle: {w.peak()}, falling towards both edges"
+            return REFUTED, f"the optimum is in the middle: {w.peak()}, worse towards both edges"
         if better:
             zone = "low" if better == "lower" else "high"
             other = down if better == "higher" else up

@@ -343,6 +343,11 @@ def _log_axis(fig: go.Figure, axis: str, values: list[float]) -> None:
     fig.update_layout({axis: {"tickvals": ticks, "ticktext": [_sig(float(f"{t:.1g}")) for t in ticks]}})
 
 
+def _censored(ctx: _Study, t: Any) -> bool:
+    """A grokking trial that never generalised: its steps are a lower bound, not a value to average."""
+    return ctx.censor is not None and t.value is not None and t.value >= ctx.censor
+
+
 def _ticks_at(fig: go.Figure, values: list[float]) -> None:
     """Ticks exactly at a sweep's points (few values), labelled as the study file writes them."""
     if 1 < len(values) <= 12:
@@ -357,10 +362,12 @@ def _categorical(ctx: _Study, name: str) -> go.Figure:
     choices: dict[str, list[Any]] = {}
     for t in trials:
         choices.setdefault(str(t.params[name]), []).append(t)
+    never: list[tuple[str, float]] = []  # grokking: censored values are lower bounds, drawn apart, not in the box
     for choice, group in sorted(choices.items()):
-        done = [t.value for t in group if t.state == TrialState.COMPLETE]
+        done = [t.value for t in group if t.state == TrialState.COMPLETE and not _censored(ctx, t)]
         pruned = sum(t.state == TrialState.PRUNED for t in group)
         label = f"{_label(choice)}<br>n={len(done)}, pruned {pruned}"
+        never += [(label, t.value) for t in group if t.state == TrialState.COMPLETE and _censored(ctx, t)]
         fig.add_trace(
             go.Box(
                 x=[label] * len(done),
@@ -374,6 +381,17 @@ def _categorical(ctx: _Study, name: str) -> go.Figure:
                 fillcolor="rgba(31,119,180,0.15)",
             )
         )
+    if never:
+        fig.add_trace(
+            go.Scatter(
+                x=[lab for lab, _ in never],
+                y=[v for _, v in never],
+                mode="markers",
+                name="did not generalise (censored)",
+                marker={"color": RED, "symbol": "x-open", "size": 9},
+            )
+        )
+        fig.update_layout(showlegend=True)
     if ctx.chance is not None and choices:
         labels = [
             f"{_label(c)}<br>n={sum(t.state == TrialState.COMPLETE for t in g)}, pruned "
@@ -385,7 +403,7 @@ def _categorical(ctx: _Study, name: str) -> go.Figure:
     fig.update_layout(
         title={"text": f"{ctx.metric} per {_label(name)}<br><sup>{html.escape(how)}</sup>"},
         yaxis_title=ctx.metric,
-        showlegend=False,
+        showlegend=bool(never),
     )
     return fig
 
@@ -570,9 +588,23 @@ def _grokking_curves(ctx: _Study) -> go.Figure | None:
                 col=c,
             )
     fig.update_yaxes(range=[0, 1.05])
-    fig.update_xaxes(range=[0, max(max(t.user_attrs["curve"]["step"]) for t in trials)])  # side by side: same steps
+    last = max(max(t.user_attrs["curve"]["step"]) for t in trials)
+    marks = [t.user_attrs.get("steps_to_generalise") or 0 for t in trials if t.user_attrs.get("generalised")]
+    marks += [t.user_attrs.get("memorised_step") or 0 for t in trials]
+    # side by side on the same steps; up to twice the last jump where every trial generalised (a jump at step 200
+    # of a 2000-step run would sit in the first tenth of the axis), else every step
+    every = all(t.user_attrs.get("generalised") for t in trials)
+    shown = min(last, max(2 * max(marks), 1)) if every and marks else last
+    fig.update_xaxes(range=[0, shown])
+    for c in range(1, cols + 1):
+        fig.update_xaxes(title_text="step", row=rows, col=c)
+    for r in range(1, rows + 1):
+        fig.update_yaxes(title_text="accuracy", row=r, col=1)
+    upto = f" (steps 0 to {shown} of {last})" if shown < last else ""
     fig.update_layout(
-        title={"text": "Grokking: training and validation accuracy over steps, one panel per trial, by weight decay"},
+        title={
+            "text": "Grokking: training and validation accuracy over steps, one panel per trial, by weight decay" + upto
+        },
         height=260 * rows + 120,
         legend={"orientation": "h", "y": -0.08},
     )
@@ -709,18 +741,14 @@ def _pareto(ctx: _Study) -> go.Figure:
             marker={"color": RED if on_front else GREY, "size": 10 if on_front else 7, "colorscale": None,
                     "showscale": False, "line": {"color": "white", "width": 0.5}},
         )  # fmt: skip
-    if len(names) == 2 and len(ctx.front) > 1:  # the front as a line, from one end to the other
-        ends = sorted((t.values[0], t.values[1]) for t in ctx.front)
-        fig.add_trace(
-            go.Scatter(
-                x=[a for a, _ in ends],
-                y=[b for _, b in ends],
-                mode="lines",
-                line={"color": RED, "width": 1.5, "dash": "dot"},
-                name="the front",
-                hoverinfo="skip",
-            )
-        )
+    if len(names) == 2 and len(ctx.front) > 1:  # the front's trace drawn as a line too, from one end to the other
+        for trace in fig.data:
+            if "Best Trial" in str(trace.hovertemplate):
+                order = sorted(range(len(trace.x)), key=lambda i: (trace.x[i], trace.y[i]))
+                per_point = {k: trace[k] for k in ("x", "y", "text", "customdata", "hovertext")
+                             if trace[k] is not None and len(trace[k]) == len(order)}  # fmt: skip
+                trace.update({k: [v[i] for i in order] for k, v in per_point.items()})
+                trace.update(mode="lines+markers", line={"color": RED, "width": 1.5, "dash": "dot"})
     if len(names) == 2:  # a compute metric spans decades (ms to s): log axes where the values allow
         for i, axis in enumerate(("xaxis", "yaxis")):
             values = [t.values[i] for t in ctx.complete_all]
@@ -845,13 +873,8 @@ _GLOSSARY = [
     ("chance", "the accuracy of guessing: 0.5 for two balanced classes. A model at the chance line learned nothing."),
     (
         "supported / refuted",
-        "the data agree / disagree with the prediction beyond the noise (95% bootstrap "
-        "intervals over seeds); 'not enough evidence' means run more seeds or trials.",
-    ),
-    (
-        "rank correlation (rho)",
-        "Spearman's rho: +1 when the result always rises with the hyperparameter, -1 when it "
-        "always falls, near 0 when it does neither (or rises then falls).",
+        "the data agree / disagree with the prediction by more than the spread over seeds; 'not enough "
+        "evidence' means run more seeds or trials.",
     ),
     (
         "importance",
@@ -874,6 +897,46 @@ _GLOSSARY = [
         "memorises, then generalises.",
     ),
 ]
+
+
+#: below this many complete trials the importances carry a caveat (fANOVA fits a forest to the trials)
+FEW_FOR_IMPORTANCE = 30
+
+
+def _glossary(ctx: _Study, verdicts: list[Verdict], figs: dict[str, go.Figure]) -> list[tuple[str, str]]:
+    """The glossary's terms this report uses, in this study's words (its chance level, its baseline)."""
+    terms = dict(_GLOSSARY)
+    design = getattr(ctx.spec, "design", None)
+    source = getattr(getattr(getattr(ctx.spec, "objective", None), "data", None), "source", None)
+    used = {"seed"}
+    if design is not None:
+        used.add("baseline")
+        base = ", ".join(f"{_label(k)} {_val(v)}" for k, v in design.baseline.items())
+        terms["baseline"] = (
+            f"the study's reference settings ({base}); a sweep changes one hyperparameter away from it and keeps "
+            "the others there."
+        )
+    if ctx.grokking:
+        p = getattr(getattr(ctx.spec.objective, "data", None), "p", None) if ctx.spec else None
+        used |= {"grokking", "censored", "chance"}
+        terms["chance"] = (
+            f"the accuracy of guessing: 1/p, {_sig(1 / p)} for p = {p} answers. A curve at chance learned nothing."
+            if p
+            else "the accuracy of guessing, 1/p for p possible answers."
+        )
+    elif ctx.chance is not None:
+        used.add("chance")
+        kind = "two balanced classes" if source == "spirals" else f"{round(1 / ctx.chance)} balanced classes"
+        terms["chance"] = (
+            f"the accuracy of guessing: {_sig(ctx.chance)} for {kind}. A model at the chance line learned nothing."
+        )
+    if verdicts:
+        used.add("supported / refuted")
+    if "importances" in figs:
+        used.add("importance")
+    if any(t.state == TrialState.PRUNED for t in ctx.trials):
+        used.add("pruned")
+    return [(k, v) for k, v in terms.items() if k in used]
 
 
 def _verdict_html(v: Verdict) -> str:
@@ -975,7 +1038,10 @@ def _config_table(ctx: _Study) -> str:
     head = [f"{ctx.metric} (mean ± sd)", "seeds", *[_label(k) for k in names], "trials"]
     rows = []
     for c, g in configs:
-        cells = [_mean_sd(g), str(len(g)), *[_val(c.get(k)) for k in names], " ".join(f"#{t.number}" for t in g)]
+        never = sum(_censored(ctx, t) for t in g)
+        # grokking: a seed that never generalised has no value, only a lower bound; its group's mean is one too
+        mean = _mean_sd(g) if not never else "never" if never == len(g) else f"≥ {_mean_sd(g)} ({never} never)"
+        cells = [mean, str(len(g)), *[_val(c.get(k)) for k in names], " ".join(f"#{t.number}" for t in g)]
         rows.append("<tr>" + "".join(f"<td class='num'>{html.escape(x)}</td>" for x in cells) + "</tr>")
     return (
         "<h2 id='best-configurations'>Best configurations (mean over seeds)</h2><table id='best-configurations-table'><tr>"
@@ -1002,7 +1068,9 @@ def _best_table(ctx: _Study) -> str:
     ]
     rows = []
     for t in top:
-        cells = [str(t.number), *[_sig(v) for v in t.values], *[_val(t.params.get(k)) for k in names]]
+        steps = ctx.censor - ctx.spec.objective.eval_every if ctx.censor and ctx.spec else None  # type: ignore[union-attr]
+        shown = [f"never (> {steps})" if _censored(ctx, t) else _sig(v) for v in t.values]
+        cells = [str(t.number), *shown, *[_val(t.params.get(k)) for k in names]]
         cells.append(_sig(t.user_attrs.get("seed")))
         cells.append(_sig(t.duration.total_seconds()) if t.duration is not None else "")
         rows.append("<tr>" + "".join(f"<td class='num'>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -1116,6 +1184,11 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         out.append(_plot(figs, "curves"))
     if "importances" in figs:
         out.append("<h2 id='importance'>Which hyperparameters matter most?</h2>")
+        if len(ctx.complete) < FEW_FOR_IMPORTANCE:
+            out.append(
+                f"<p class='caveat'>Only {len(ctx.complete)} complete trials: importances fitted on so few are "
+                "rough (another seed of the same study can reorder them); read them as a hint, not a ranking.</p>"
+            )
         out.append(_plot(figs, "importances"))
     if "history" in figs:
         out.append("<h2 id='search'>The search</h2>" + _plot(figs, "history"))
@@ -1125,7 +1198,7 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     out.append(f"<h2 id='best'>{best_title}</h2>" + _best_table(ctx))
     out.append(
         "<h2 id='glossary'>Glossary</h2><dl>"
-        + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _GLOSSARY)
+        + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _glossary(ctx, verdicts, figs))
         + "</dl>"
     )
     out.append("</body></html>")

@@ -396,6 +396,16 @@ class Prediction(_Strict):
     note: str | None = None
 
 
+def point_key(params: dict[str, Any]) -> str:
+    """A design point's identity: its parameters, numbers compared by value (``1`` in a sweep is the baseline's
+    ``1.0``, not a second point)."""
+
+    def norm(v: Any) -> Any:
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    return repr(sorted((k, norm(v)) for k, v in params.items()))
+
+
 class SampleSpec(_Strict):
     """A space-filling (scrambled Sobol) sample of ``n`` points over ranges of the space; other entries at baseline."""
 
@@ -416,9 +426,9 @@ class DesignSpec(_Strict):
 
     def n_points(self) -> int:
         """Distinct sweep points (the baseline counted once)."""
-        points = {repr(sorted(self.baseline.items()))}
+        points = {point_key(self.baseline)}
         for name, values in self.sweeps.items():
-            points |= {repr(sorted({**self.baseline, name: v}.items())) for v in values}
+            points |= {point_key({**self.baseline, name: v}) for v in values}
         return len(points)
 
     def n_trials(self) -> int:

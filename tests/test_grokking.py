@@ -198,7 +198,52 @@ def test_train_fraction_searched_outside_its_range_is_a_one_line_error(tmp_path:
 def test_shipped_grokking_studies_validate() -> None:
     from hpo.spec import load_spec
 
-    for name in ("grokking-mlp", "grokking-transformer"):
+    for name in ("grokking-mlp", "grokking-transformer", "grokking-quick"):
         spec = load_spec(STUDIES / f"{name}.yaml")
         assert spec.metric == "steps_to_generalise" and spec.direction == "minimize"
-        assert spec.enqueue
+        assert spec.enqueue or spec.design
+
+
+def test_quick_study_report_keeps_censored_trials_apart_and_explains_its_terms() -> None:
+    """The report on studies/grokking-quick.yaml's shape (trials written as a run stores them, without the 2-minute
+    run): a seed that never generalised is a lower bound, so its configuration's mean reads "never" or "≥", the box
+    plot draws it apart, the best table says "never"; the glossary holds the terms this report uses (chance is 1/p,
+    the baseline is the study's), not the lesson's; fewer than 30 trials carry a caveat on importances."""
+    from optuna.distributions import FloatDistribution
+
+    from hpo.report import build_report
+    from hpo.spec import load_spec
+
+    spec = load_spec(STUDIES / "grokking-quick.yaml")
+    study = optuna.create_study(direction="minimize")
+    censor = spec.objective.steps + spec.objective.eval_every
+    steps = list(range(0, 1501, 25))
+    # weight decay -> steps to generalise per seed (None: never within the budget)
+    runs = {0.3: [None, None, None], 1.0: [525, 550, None], 3.0: [300, 275, 325], 10.0: [None, None, None]}
+    for wd, seeds in runs.items():
+        for seed, gen in enumerate(seeds):
+            val = [min(1.0, s / gen) if gen else 0.05 for s in steps]
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={"weight_decay": wd},
+                    distributions={"weight_decay": FloatDistribution(0.3, 10, log=True)},
+                    value=gen if gen else censor,
+                    user_attrs={
+                        "seed": seed, "generalised": gen is not None, "steps_to_generalise": gen or censor,
+                        "memorised_step": 100, "curve": {"step": steps, "train_accuracy": [1.0] * len(steps),
+                                                         "val_accuracy": val},
+                    },
+                )
+            )  # fmt: skip
+    page = build_report(study, spec)
+    table = page[page.index("id='best-configurations-table'") :]
+    table = table[: table.index("</table>")]
+    assert "≥ " in table and "(1 never)" in table  # weight decay 1: two seeds generalised, one is a lower bound
+    assert table.count(">never<") == 2  # 0.3 and 10: no seed generalised
+    assert "never (&gt; 1500)" in page  # the best-trials table names the censored value as such
+    assert "did not generalise" in page
+    glossary = page[page.index("id='glossary'") :]
+    assert "1/p, 0.0169 for p = 59" in glossary and "weight decay 1" in glossary
+    assert "Spearman" not in glossary and "bootstrap" not in glossary and "balanced classes" not in glossary
+    if "id='importance'" in page:
+        assert "Only 12 complete trials" in page
