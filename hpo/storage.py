@@ -2,8 +2,11 @@
 
 Choices made on purpose:
 
-* URLs are SQLAlchemy URLs, as Optuna takes them. ``--storage`` wins, then ``HPO_STORAGE``, then the study file,
-  then ``sqlite:///hpo.db``. A password may come from ``HPO_STORAGE_PASSWORD_FILE`` instead of the URL.
+* URLs are SQLAlchemy URLs, as Optuna takes them. ``--storage`` wins, then ``HPO_STORAGE``, then the file
+  ``HPO_STORAGE_FILE`` names, then the study file, then ``sqlite:///hpo.db``. A password may come from
+  ``HPO_STORAGE_PASSWORD_FILE`` instead of the URL, for a URL from the user's side only (never a study file's).
+* PostgreSQL connections refuse to send a password in clear text (libpq's ``require_auth=!password``) unless the
+  URL sets ``require_auth`` itself: a server (or a host in the middle) that asks for one gets nothing.
 * Every engine pings a pooled connection that sat idle for a second or more before using it (a connection dropped by
   a database restart is replaced, not fatal; one in steady use fails its statement, which the worker retries) and
   holds a small, bounded pool: at most :data:`POOL_SIZE` connections per process, no overflow.
@@ -50,24 +53,56 @@ SQLITE_TIMEOUT_S = 60
 #: A pooled connection idle this long is pinged before use (:func:`_ping_idle_connections`).
 PING_IDLE_S = 1.0
 
-_AUTH_MARKERS = ("password authentication failed", "access denied", "authentication failed", "no password supplied")
+_AUTH_MARKERS = (
+    "password authentication failed",
+    "access denied",
+    "authentication failed",
+    "no password supplied",
+    "authentication method requirement",  # libpq refused what the server asked for (require_auth)
+)
+
+
+#: The most a URL or password file may hold (bytes): one line is read.
+SECRET_FILE_MAX = 4096
+
+
+def _first_line(path: str, what: str) -> str:
+    """The first line of a small file the user named (``HPO_STORAGE_FILE``, ``HPO_STORAGE_PASSWORD_FILE``)."""
+    try:
+        with open(os.path.expanduser(path), "rb") as fh:
+            data = fh.read(SECRET_FILE_MAX + 1)
+        line = data[:SECRET_FILE_MAX].decode().splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError):
+        raise StorageError(f"{what}: cannot read a line from {path}") from None
+    if not line:
+        raise StorageError(f"{what}: the first line of {path} is empty")
+    return line
 
 
 def resolve_url(cli_url: str | None = None, spec_url: str | None = None) -> str:
-    """Pick the storage URL: CLI, then ``HPO_STORAGE``, then the study file, then the SQLite default.
+    """Pick the storage URL: CLI, then ``HPO_STORAGE``, then the first line of the file ``HPO_STORAGE_FILE`` names,
+    then the study file, then the SQLite default.
 
-    If ``HPO_STORAGE_PASSWORD_FILE`` names a file, its first line becomes the URL's password.
+    If ``HPO_STORAGE_PASSWORD_FILE`` names a file, its first line becomes the password of a URL given on the user's
+    side (the first three). A study file is someone else's words: with a password file set, a URL taken from a study
+    file is refused, so the password never goes to a host the study's author chose.
     """
-    url = cli_url or os.environ.get("HPO_STORAGE") or spec_url or DEFAULT_URL
+    mine = cli_url or os.environ.get("HPO_STORAGE")
+    if not mine and os.environ.get("HPO_STORAGE_FILE"):
+        mine = _first_line(os.environ["HPO_STORAGE_FILE"], "HPO_STORAGE_FILE")
+    url = mine or spec_url or DEFAULT_URL
     pw_file = os.environ.get("HPO_STORAGE_PASSWORD_FILE")
-    if pw_file:
-        try:
-            password = Path(pw_file).read_text().splitlines()[0].strip()
-        except (OSError, IndexError):
-            raise StorageError(f"HPO_STORAGE_PASSWORD_FILE: cannot read a password from {pw_file}") from None
-        parsed = _parse(url)
-        url = parsed.set(password=password).render_as_string(hide_password=False)
-    return url
+    if not pw_file:
+        return url
+    if not mine:
+        if spec_url:
+            raise StorageError(
+                f"the storage URL {mask(spec_url)} comes from the study file and HPO_STORAGE_PASSWORD_FILE is set: "
+                "the password goes only to a URL you give (--storage, HPO_STORAGE or HPO_STORAGE_FILE)"
+            )
+        return url  # the local SQLite default takes no password
+    password = _first_line(pw_file, "HPO_STORAGE_PASSWORD_FILE")
+    return _parse(url).set(password=password).render_as_string(hide_password=False)
 
 
 def _parse(url: str) -> URL:
@@ -175,13 +210,28 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     }
     backend = parsed.get_backend_name()
     if backend == "postgresql":
-        kwargs["connect_args"] = {"connect_timeout": 5, **_pg_prepare_threshold(parsed)}
+        kwargs["connect_args"] = {"connect_timeout": 5, **_pg_prepare_threshold(parsed), **_pg_require_auth(parsed)}
         if "application_name" not in parsed.query:  # one name per process: pg_stat_activity shows each worker's share
             kwargs["connect_args"]["application_name"] = f"hpo:{os.getpid()}"
     elif backend == "mysql":
         kwargs["pool_recycle"] = 3600
         kwargs["connect_args"] = {"connect_timeout": 5}
     return kwargs
+
+
+def _pg_require_auth(parsed: URL) -> dict[str, Any]:
+    """``require_auth=!password`` (libpq 16+): never answer a cleartext password request. A URL's own
+    ``require_auth`` wins; an older libpq (no such setting) gets nothing added."""
+    if "require_auth" in parsed.query or parsed.get_driver_name() != "psycopg":
+        return {}
+    try:
+        import psycopg
+
+        if psycopg.pq.version() < 160000:
+            return {}
+    except Exception:  # noqa: BLE001 - no psycopg: the driver in use says what is missing
+        return {}
+    return {"require_auth": "!password"}
 
 
 def _pg_prepare_threshold(parsed: URL) -> dict[str, Any]:
