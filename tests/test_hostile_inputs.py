@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import sqlalchemy
 import yaml
@@ -563,6 +564,26 @@ def test_dashboard_answers_only_the_hosts_it_is_served_as(prepared: str) -> None
         assert _get(app_, host) == 421, host
     writable = create_app(prepared, allow_writes=True)
     assert _get(writable, "attacker.example") == 421
+    # a loopback name glued to another host, or with a port that is not a number, is no loopback name
+    for host in ("[::1]evil.com", "[::1]:80evil.com", "localhost:8080@evil.com", "127.0.0.1:x", "localhost evil"):
+        assert _get(app_, host) == 421, host
+
+
+def test_dashboard_redirects_never_follow_forwarded_host_headers(prepared: str) -> None:
+    """X-Forwarded-Host (or Forwarded) would make bottle build its redirects to the page's chosen host: dropped."""
+    from wsgiref.util import setup_testing_defaults
+
+    from hpo.dashboard import create_app
+
+    env: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(env)
+    env.update(HTTP_HOST="127.0.0.1:8080", HTTP_X_FORWARDED_HOST="evil.example", HTTP_FORWARDED="host=evil.example")
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+    b"".join(create_app(prepared)(env, lambda s, h, exc_info=None: seen.append((s, h))))
+    status, headers = seen[0]
+    location = dict(headers).get("Location", "")
+    assert status.startswith("302") and location.endswith("/dashboard"), (status, headers)
+    assert "evil" not in location
 
 
 def test_dashboard_host_check_on_a_real_server(prepared: str) -> None:
@@ -655,6 +676,29 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path: Path) 
         if args[0] == "studies":
             assert "'" + name.replace('"', '""') in text
     assert negative > 0, "the quadratic's values are negative: they must stay plain numbers"
+
+
+def test_dashboard_csv_export_holds_no_formula(tmp_path: Path) -> None:
+    """optuna-dashboard's own CSV download (``/csv/<id>``) writes cells raw; hpo's dashboard neutralises them."""
+    from wsgiref.util import setup_testing_defaults
+
+    from hpo.dashboard import create_app
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = hostile_study(tmp_path, "csv-dash", url)
+    assert CliRunner().invoke(app, ["run", str(study)], env={"HPO_STORAGE": url}).exit_code == 0
+    sid = optuna.load_study(study_name="csv-dash", storage=url)._study_id
+    env: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/csv/{sid}", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(env)
+    env["HTTP_HOST"] = "127.0.0.1"
+    status: list[str] = []
+    body = b"".join(create_app(url)(env, lambda s, h, exc_info=None: status.append(s))).decode()
+    assert status[0].startswith("200")
+    rows = list(csv.reader(io.StringIO(body)))
+    assert len(rows) == 9, body  # a header and the 8 trials
+    cells = [c for row in rows for c in row]
+    assert not [c for c in cells if c.startswith(FORMULA_START) and not re.fullmatch(r"-[\d.e-]+", c)], body
+    assert "'=cmd|' /C calc'!A0" in cells and any(re.fullmatch(r"-\d[\d.e-]*", c) for c in cells)
 
 
 HOSTILE_NAME = "sec-[/]markup[bold \x1b[31mred\nerror: fake"
