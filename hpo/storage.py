@@ -30,7 +30,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote
@@ -234,6 +234,43 @@ def _pg_require_auth(parsed: URL) -> dict[str, Any]:
     return {"require_auth": "!password"}
 
 
+def _pooler_check_wanted(parsed: URL) -> bool:
+    """psycopg on PostgreSQL with no ``prepare_threshold`` chosen: check each connection for a pooler."""
+    chosen = "prepare_threshold" in parsed.query or os.environ.get("HPO_PG_PREPARE_THRESHOLD")
+    return parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg" and not chosen
+
+
+_pooler_warned: set[str] = set()
+
+
+def _no_prepared_statements_behind_a_proxy(parsed: URL) -> Callable[[Any, Any], None]:
+    """A ``connect`` listener: when the server's own port (``inet_server_port()``) is not the port hpo connected to,
+    something sits in between (PgBouncer, a proxy): prepared statements, which a transaction-pooling PgBouncer
+    hands to the wrong session (``prepared statement "_pg3_0" already exists``), are turned off for the connection,
+    with one warning per process naming ``?prepare_threshold=none``, which says so up front."""
+    port = parsed.port or 5432
+
+    def listener(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SELECT inet_server_port()")
+            row = cur.fetchone()
+        dbapi_conn.commit()
+        if row is None or row[0] is None or int(row[0]) == port:  # a Unix socket, or the server itself
+            return
+        dbapi_conn.prepare_threshold = None
+        key = f"{parsed.host}:{port}"
+        if key not in _pooler_warned:
+            _pooler_warned.add(key)
+            log.warning(
+                "%s answers for a server on port %s: a pooler or proxy sits in between, so prepared statements are "
+                "off (add ?prepare_threshold=none to the storage URL to say so and skip this check)",
+                key,
+                row[0],
+            )
+
+    return listener
+
+
 def _pg_prepare_threshold(parsed: URL) -> dict[str, Any]:
     """``?prepare_threshold=N`` (or ``none``) on a ``postgresql+psycopg`` URL, as psycopg 3 takes it (an int or
     None; SQLAlchemy would pass the URL's text). ``none`` turns prepared statements off, as PgBouncer in
@@ -309,6 +346,8 @@ def describe_error(exc: BaseException, url: str) -> str:
     # psycopg puts the useful part after the last "failed: "
     if "failed: " in text:
         text = text.rsplit("failed: ", 1)[-1] or text
+    if re.search(r'prepared statement "[^"]*" (already|does not) exist', text):
+        text += " (a transaction-pooling PgBouncer in between? add ?prepare_threshold=none to the storage URL)"
     return scrub(text, url)
 
 
@@ -395,6 +434,9 @@ def open_storage(
                 storage.engine.dispose()  # connections opened while creating the tables: reopened with the pragma
             elif not _is_sqlite(parsed):
                 _ping_idle_connections(storage.engine)
+                if _pooler_check_wanted(parsed):
+                    sqlalchemy.event.listen(storage.engine, "connect", _no_prepared_statements_behind_a_proxy(parsed))
+                    storage.engine.dispose()  # connections opened while creating the tables: reopened, checked
                 if not read_only:
                     ensure_lock_table(storage.engine)
             return storage
@@ -846,21 +888,33 @@ _READ_ONLY_SQL = {
 }
 
 
+#: PostgreSQL drivers that begin each transaction READ ONLY when this connection attribute is set.
+_PER_TRANSACTION_READ_ONLY = {"psycopg": "read_only", "psycopg2": "readonly"}
+
+
 def open_read_only(url: str, *, retry_for: float | None = None) -> optuna.storages.RDBStorage:
     """Open a storage for analysts: a query through it can never write.
 
-    No table creation or schema check; SQLite files opened with ``mode=ro``; every PostgreSQL / MySQL session set
-    to ``READ ONLY`` transactions (a write fails in the database even if hpo asked for one). Combine with a
+    No table creation or schema check; SQLite files opened with ``mode=ro``; every PostgreSQL transaction begins
+    ``READ ONLY`` (per transaction, so a transaction-pooling PgBouncer never passes it on to a worker sharing the
+    login), every MySQL session is set to ``READ ONLY`` transactions (a write fails in the database even if hpo
+    asked for one). Combine with a
     SELECT-only database role for a second, independent layer.
 
     Raises:
         StorageError: as :func:`open_storage`.
     """
     storage = open_storage(url, read_only=True, retry_for=retry_for)
+    driver = storage.engine.url.get_driver_name()
     stmt = _READ_ONLY_SQL.get(storage.engine.url.get_backend_name())
     if stmt is not None:
 
         def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
+            if driver in _PER_TRANSACTION_READ_ONLY:
+                # every transaction begins READ ONLY (the driver sends BEGIN READ ONLY): nothing session-wide that a
+                # transaction-pooling PgBouncer would hand to the next client of the same login, a worker
+                setattr(dbapi_conn, _PER_TRANSACTION_READ_ONLY[driver], True)
+                return
             cur = dbapi_conn.cursor()
             try:
                 cur.execute(stmt)

@@ -661,3 +661,40 @@ def test_prepare_threshold_in_the_url_is_taken(postgres_url: str) -> None:
             assert threshold == (None if value == "none" else 0)
         finally:
             storage.engine.dispose()
+
+
+def test_an_analysts_read_through_pgbouncer_never_makes_the_workers_read_only(
+    pgbouncer: str, postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """Under transaction pooling a session setting sticks to the server connection and goes to the next client: a
+    read-only command under the workers' login (README's single HPO_STORAGE) must not leave its pool read-only.
+    Reads are run again and again while 4 workers work through the same PgBouncer."""
+    study = steady_study(tmp_path, study_name, n_trials=16, seconds=0.2, report_every=0.1)
+    procs = [worker(study, pgbouncer) for _ in range(4)]
+    env = {**os.environ, **ENV, "HPO_STORAGE": pgbouncer}
+    reads = 0
+    while any(p.poll() is None for p in procs):
+        for args in (["studies"], ["trials", study_name, "-n", "3"], ["best", study_name]):
+            res = subprocess.run(
+                [sys.executable, "-m", "hpo", *args], env=env, capture_output=True, text=True, timeout=ceiling(120)
+            )
+            assert "Traceback" not in res.stderr, res.stderr
+            reads += 1
+    results = finish(procs)
+    assert reads >= 3
+    ts = check(postgres_url, study_name, tmp_path, results, 16)
+    assert all(t.state == TrialState.COMPLETE for t in ts)
+
+
+def test_pgbouncer_found_without_prepare_threshold(
+    pgbouncer: str, postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """Prepared statements do not survive transaction pooling (8 workers crashed with DuplicatePreparedStatement):
+    a URL without ``prepare_threshold`` whose server answers on another port than the one connected to has them
+    turned off, with one warning naming ``?prepare_threshold=none``; the budget is met exactly."""
+    url = pgbouncer.replace("?prepare_threshold=none", "")
+    study = steady_study(tmp_path, study_name, n_trials=40, seconds=0.05)
+    results = finish([worker(study, url) for _ in range(4)])
+    for _, stderr in results:
+        assert stderr.count("prepare_threshold=none") == 1, stderr
+    check(postgres_url, study_name, tmp_path, [(rc, "") for rc, _ in results], 40)
