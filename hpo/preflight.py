@@ -7,6 +7,8 @@ or touch the study.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from hpo.errors import SpecError
@@ -16,7 +18,9 @@ from hpo.spec import IdxData, StudySpec
 def preflight(spec: StudySpec, source: str) -> None:
     """Raise :class:`SpecError` (``source: field: reason``) for what would fail only once the study exists.
 
-    Checks: a ``module:function`` objective imports and names a callable; an ``idx`` data folder exists.
+    Checks: a ``module:function`` objective imports and names a callable; an ``idx`` data folder exists and can be
+    read; a filesystem checkpoint folder can be written (a probe file is written and removed): an unwritable one
+    failed every trial in 0.1 s and the worker reported the budget met.
     """
     from hpo.objectives import resolve
 
@@ -31,3 +35,27 @@ def preflight(spec: StudySpec, source: str) -> None:
         folder = Path(data.path).expanduser()
         if not folder.is_dir():
             raise SpecError(f"{source}: objective.data.path: no such folder {folder}")
+        if not os.access(folder, os.R_OK | os.X_OK):
+            raise SpecError(f"{source}: objective.data.path: cannot read the folder {folder}")
+    checkpoint = getattr(spec.objective, "checkpoint", None)
+    if checkpoint is not None and checkpoint.store == "filesystem":
+        _check_writable(Path(os.environ.get(DIR_ENV) or checkpoint.path).expanduser(), source)
+
+
+#: Where a filesystem checkpoint folder comes from when set (as :mod:`hpo.objectives.checkpoints` reads it).
+DIR_ENV = "HPO_CHECKPOINT_DIR"
+
+
+def _check_writable(folder: Path, source: str) -> None:
+    """Create ``folder`` (0700) if missing, write and remove a probe file in it; else one line naming the fix."""
+    where = f"{DIR_ENV}" if os.environ.get(DIR_ENV) else "objective.checkpoint.path"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".hpo-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SpecError(
+            f"{source}: {where}: cannot write checkpoints in {folder} ({exc.strerror or exc}); "
+            f"set {DIR_ENV} to a folder this worker can write"
+        ) from None

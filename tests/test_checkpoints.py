@@ -135,3 +135,20 @@ def test_stop_mid_epoch_saves_there_and_the_copy_resumes_inside_the_epoch(
     assert listed.returncode == 0, listed.stderr
     [row] = [r for r in json.loads(listed.stdout) if r["name"] == study_name]
     assert row["checkpoint_mb"] == round(kept["bytes"] / 2**20, 3) > 0
+
+
+def test_an_unwritable_checkpoint_folder_is_refused_before_any_trial(tmp_path: Path, sqlite_url: str) -> None:
+    """Every trial failed in 0.1 s and the worker said "budget met" (the image's default folder is root-owned, the
+    process uid 1000): now the folder is probed before the study is touched; one line, exit 2, no trial."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    study = ckpt_study(tmp_path, "ckpt-unwritable", n_train=200, path=str(blocker / "ckpt"))
+    for args in (["run", str(study)], ["worker", str(study)], ["create", str(study)]):
+        res = hpo_cli(*args, "--storage", sqlite_url)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "cannot write checkpoints" in errors[0] and "HPO_CHECKPOINT_DIR" in errors[0]
+    assert all_trials(sqlite_url, "ckpt-unwritable") == []
+    res = hpo_cli("run", str(study), "--storage", sqlite_url, env={"HPO_CHECKPOINT_DIR": str(tmp_path / "mine")})
+    assert res.returncode == 0, res.stderr
+    assert oct((tmp_path / "mine").stat().st_mode & 0o777) == "0o700"
