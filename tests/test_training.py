@@ -119,6 +119,27 @@ def test_run_resumes_towards_the_budget(tmp_path: Path) -> None:
     assert res.returncode == 0 and len(_study(url, "resume").trials) == 3
 
 
+def test_a_resumed_seeded_sampler_draws_new_points(tmp_path: Path) -> None:
+    """TPE seed 0, --n-trials 3 then a resumed run: trials 3-5 repeated trials 0-2 exactly (the sampler started over). The
+    stream now goes on from the study's size: no point drawn twice, and the same two runs again draw the same."""
+    runs = []
+    for attempt in ("a", "b"):
+        url = f"sqlite:///{tmp_path / f'{attempt}.db'}"
+        path = write_study(
+            tmp_path / f"{attempt}.yaml",
+            "resume-draws",
+            objective={"kind": "tests.fast_objectives:quadratic", "steps": 1},
+            space={"lr": {"type": "float", "low": 0.001, "high": 1.0, "log": True}},
+            budget={"n_trials": 6},
+        )
+        for extra in (["--n-trials", "3"], []):  # 3 trials, then on to the file's budget of 6
+            res = hpo_cli("run", str(path), "--storage", url, *extra)
+            assert res.returncode == 0, res.stderr
+        runs.append([t.params["lr"] for t in _study(url, "resume-draws").trials])
+    assert len(runs[0]) == 6 and len(set(runs[0])) == 6, runs[0]
+    assert runs[0] == runs[1]  # seeded: the same history gives the same draws
+
+
 SAMPLERS = ["tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2"]
 PRUNERS = [
     ("none", {}),
