@@ -8,8 +8,12 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY hpo ./hpo
-RUN pip install . && useradd --create-home --uid 1000 hpo
+RUN pip install . && useradd --create-home --uid 1000 hpo \
+    && mkdir -p /var/lib/hpo/checkpoints && chown hpo:hpo /var/lib/hpo/checkpoints && chmod 700 /var/lib/hpo/checkpoints
 COPY studies ./studies
+# Checkpoints go to a folder the worker's user owns (the relative default would be under /app, which is root's);
+# compose mounts a named volume here, Kubernetes a volume under it.
+ENV HPO_CHECKPOINT_DIR=/var/lib/hpo/checkpoints
 
 USER hpo
 # Compose gives each service its command; alone, the image shows what it can do.

@@ -178,7 +178,7 @@ def run(
     max_retry: RetryOpt = 2,
     population: PopulationOpt = None,
     db_retry_for: DbRetryOpt = 120.0,
-    stop_timeout: StopTimeoutOpt = 30.0,
+    stop_timeout: StopTimeoutOpt = 20.0,
     lock_timeout: LockTimeoutOpt = 5.0,
     lock_idle_timeout: LockIdleOpt = 10.0,
 ) -> None:
@@ -372,7 +372,7 @@ def worker(
     grace: GraceOpt = None,
     max_retry: RetryOpt = 2,
     db_retry_for: DbRetryOpt = 120.0,
-    stop_timeout: StopTimeoutOpt = 30.0,
+    stop_timeout: StopTimeoutOpt = 20.0,
     seed_offset: Annotated[
         int | None,
         typer.Option(

@@ -217,3 +217,19 @@ def test_init_then_worker_commands_run_natively_to_completion(
     assert len(trials) == 3
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert {t.user_attrs["threads"] for t in trials} == {1}
+
+
+def test_workers_stop_inside_the_kill_window_and_checkpoint_to_a_volume(compose: dict[str, Any]) -> None:
+    """docker stop waits stop_grace_period before SIGKILL: wider than the worker's --stop-timeout (at 30 s each,
+    SIGKILL came first and left the trial RUNNING); checkpoints go to a named volume the image's user owns."""
+    from hpo.worker.options import DEFAULT_STOP_TIMEOUT_S
+
+    worker = compose["services"]["worker"]
+    grace = worker["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) >= DEFAULT_STOP_TIMEOUT_S + 20
+    assert DEFAULT_STOP_TIMEOUT_S < 30  # docker's, Slurm's KillWait and Kubernetes' default window
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in worker["volumes"]}
+    assert mounts["/var/lib/hpo/checkpoints"] in compose["volumes"]
+    dockerfile = (Path(__file__).parent.parent / "Dockerfile").read_text()
+    assert "ENV HPO_CHECKPOINT_DIR=/var/lib/hpo/checkpoints" in dockerfile
+    assert "chown hpo:hpo /var/lib/hpo/checkpoints" in dockerfile

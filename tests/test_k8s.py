@@ -107,9 +107,11 @@ def test_worker_job_indexed_with_grace_and_the_password_as_a_file() -> None:
     assert grace >= 2 * int(argv[argv.index("--heartbeat") + 1])
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     secret_file = env["HPO_STORAGE_PASSWORD_FILE"]["value"]
-    [mount] = pod["containers"][0]["volumeMounts"]
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "passwords"]
     [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["secret"]["secretName"] == "hpo-db" and mount["readOnly"]
+    [ckpt] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "checkpoints"]
+    assert env["HPO_CHECKPOINT_DIR"]["value"].startswith(ckpt["mountPath"] + "/")  # a writable folder of its own
     assert [i["path"] for i in volume["secret"]["items"]] == ["worker-password"]  # the worker's password only
     assert secret_file == f"{mount['mountPath']}/worker-password"
     assert "gpu" in (K8S / "40-workers-job.yaml").read_text()  # the GPU request, as an option

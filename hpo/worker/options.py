@@ -10,6 +10,11 @@ import optuna
 from hpo.errors import HpoError
 
 
+#: Seconds a worker gives its trial to stop after SIGTERM: inside the 30 s that docker stop, Slurm's default KillWait
+#: and Kubernetes' default grace period allow before SIGKILL (at 30 s, SIGKILL came first and left the trial RUNNING).
+DEFAULT_STOP_TIMEOUT_S = 20.0
+
+
 @dataclass
 class WorkerOptions:
     """How one worker runs. Defaults suit one worker on this machine."""
@@ -23,7 +28,7 @@ class WorkerOptions:
     timeout: float | None = None
     db_retry_for: float = 120.0
     #: Seconds after a SIGTERM/SIGINT before a worker whose trial has not stopped fails and re-queues it and exits 0.
-    stop_timeout: float = 30.0
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT_S
     max_consecutive_failures: int = 5
     handle_signals: bool = True
     #: Added to a seeded sampler's seed so that workers sharing a study draw different points.
