@@ -9,7 +9,6 @@ import optuna
 
 from hpo.errors import HpoError
 
-
 #: Seconds a worker gives its trial to stop after SIGTERM: inside the 30 s that docker stop, Slurm's default KillWait
 #: and Kubernetes' default grace period allow before SIGKILL (at 30 s, SIGKILL came first and left the trial RUNNING).
 DEFAULT_STOP_TIMEOUT_S = 20.0
