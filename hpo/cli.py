@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from hpo.cli_errors import OneLineErrorGroup
-from hpo.errors import HpoError, StudyError
+from hpo.errors import STOPPED_EXIT, HpoError, StudyError
 from hpo.render import csv_cell, lit, shell_quote, text
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -240,6 +240,7 @@ def run(
     )
     if stopped:
         out.print("stopped before the budget was met; run the same command again to resume")
+        raise typer.Exit(STOPPED_EXIT)
 
 
 def _run_processes(
@@ -292,7 +293,7 @@ def _run_processes(
             signal.signal(sig, handler)
     stopped = bool(received)
     codes = [p.returncode for p in procs]
-    if stopped and all(c in (0, -signal.SIGINT, 130) for c in codes):
+    if stopped and all(c in (0, STOPPED_EXIT, -signal.SIGINT, 130) for c in codes):
         return stopped
     if any(c not in (0, None) for c in codes):
         raise HpoError(f"a worker exited with status {max(c for c in codes if c)}; see its message above")
@@ -440,6 +441,8 @@ def worker(
             f"{result.pruned} pruned, {result.failed} failed",
             highlight=False,
         )
+    if result.interrupted:
+        raise typer.Exit(STOPPED_EXIT)  # stopped by a signal before the budget: engines run it again
 
 
 @app.command()

@@ -28,3 +28,9 @@ class DataError(HpoError):
 
 class StudyError(HpoError):
     """A study that does not exist or disagrees with its study file."""
+
+
+#: Exit status of a worker (and of ``hpo run``) stopped by a signal before the study's budget was met: "run me
+#: again" (EX_TEMPFAIL). A Kubernetes Job's podFailurePolicy replaces such a pod without counting it, the Slurm script
+#: requeues its task; 0 means the budget is met (or the worker's own --n-trials / --timeout ran out).
+STOPPED_EXIT = 75

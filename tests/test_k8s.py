@@ -94,6 +94,35 @@ def test_every_manifest_is_a_valid_kubernetes_object() -> None:
     assert {"Secret", "Job", "Deployment", "Service", "NetworkPolicy"} <= kinds
 
 
+def _pod_failure_action(job: dict, exit_code: int, conditions: set[str]) -> str:
+    """What Kubernetes does with a failed pod under the Job's podFailurePolicy: the first rule that matches
+    (onExitCodes of the named container, or onPodConditions), else "Count" (the pod counts against backoffLimit)."""
+    for rule in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+        codes = rule.get("onExitCodes")
+        if codes is not None:
+            inside = exit_code in codes["values"]
+            if (inside if codes["operator"] == "In" else not inside) and exit_code != 0:
+                return str(rule["action"])
+        for cond in rule.get("onPodConditions", []):
+            if cond["type"] in conditions:
+                return str(rule["action"])
+    return "Count"
+
+
+def test_a_stopped_worker_is_replaced_and_the_job_completes_only_at_the_budget() -> None:
+    """A worker exits 0 only when the budget is met (its index completes); SIGTERM before that (eviction, drain,
+    preemption) exits STOPPED_EXIT, which the Job's policy answers by replacing the pod without counting it."""
+    from hpo.errors import STOPPED_EXIT
+
+    job = by_kind("Job", "hpo-workers")
+    assert _pod_failure_action(job, STOPPED_EXIT, set()) == "Ignore"
+    assert _pod_failure_action(job, 137, {"DisruptionTarget"}) == "Ignore"  # killed by an eviction
+    assert _pod_failure_action(job, 2, set()) == "Count"  # a real error still counts against backoffLimit
+    [container] = pod_spec(job)["containers"]
+    rule = next(r for r in job["spec"]["podFailurePolicy"]["rules"] if "onExitCodes" in r)
+    assert rule["onExitCodes"]["containerName"] == container["name"]
+
+
 def test_worker_job_indexed_with_grace_and_the_password_as_a_file() -> None:
     job = by_kind("Job", "hpo-workers")
     spec = job["spec"]

@@ -246,3 +246,46 @@ def test_job_array_meets_the_budget_and_a_cancelled_task_trial_is_finished_by_an
     assert "array task" in outputs and postgres_url not in outputs  # the URL stays out of logs and command lines
     print(f"slurm: budget {budget}, {len(ts)} trials stored, trial {number} cancelled in job {task_job}, "
           f"finished as trial {copy.number} by {copy.user_attrs['worker']}")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_time_limit_requeues_the_task_until_the_budget_is_met(
+    cluster: Cluster, postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """Tasks ended COMPLETED (exit 0) at their time limit with the study at 1 of 30, and nothing resubmitted. Now the
+    script's USR1 (sent --signal seconds before the limit) stops the worker (exit 75) and requeues the task, which
+    goes on with a fresh limit until the budget is met; nobody resubmits."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    budget = 10
+    study = write_study(
+        tmp_path / "study.yaml",
+        study_name,
+        objective={"kind": "worker_objectives:sleepy", "sleep": 3.0, "marker_dir": str(markers)},
+        space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
+        sampler={"name": "random", "seed": 0},
+        budget={"n_trials": budget},
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    assert hpo_cli("create", str(study), "--storage", postgres_url, env=env).returncode == 0
+    cluster.env.update(
+        env,
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        HPO_STUDY=study_name,
+        HPO_STORAGE=postgres_url,
+        HPO_WORKER_ARGS="--heartbeat 1 --grace 3 --quiet",
+    )
+    # a 1-minute limit, warned 40 s before it: each run of the task has about 20 s, 6 trials of 3 s
+    out = cluster.run(
+        "sbatch", "--parsable", f"--chdir={tmp_path}", "--array=0", "--time=1", "--signal=B:USR1@40", str(SCRIPT)
+    )
+    job = out.strip().split(";")[0]
+    deadline = time.monotonic() + ceiling(600)
+    while cluster.run("squeue", "-h", "-j", job, check=False).strip():
+        assert time.monotonic() < deadline, f"the task did not finish: {cluster.logs()}"
+        time.sleep(1)
+    ts = _trials(postgres_url, study_name)
+    assert [t.number for t in ts if t.state == TrialState.RUNNING] == []
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == budget
+    log = "".join(p.read_text() for p in tmp_path.glob("hpo-worker-*.out"))
+    assert "requeueing task" in log, log  # it did hit the limit, and went on by itself

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo import space as search_space
-from hpo.errors import HpoError
+from hpo.errors import STOPPED_EXIT, HpoError
 from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_seed
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec
@@ -47,7 +47,7 @@ class _Signals:
     """First signal: interrupt the current trial at its next step (it is failed and re-queued), then stop; if the
     worker is still running ``stop_timeout`` seconds later (an objective that never calls ``check_stop()``, a
     database that stays away, a lock that does not come), its live trials are failed and re-queued where the database
-    answers (:func:`hpo.worker.lease.abandon_live`) and it exits 0. Second signal: exit at once (status 130)."""
+    answers (:func:`hpo.worker.lease.abandon_live`) and it exits with :data:`STOPPED_EXIT`. Second signal: exit at once (status 130)."""
 
     def __init__(self, stop: threading.Event, stop_timeout: float = 30.0, study: optuna.Study | None = None) -> None:
         self.stop, self.stop_timeout, self.study = stop, stop_timeout, study
@@ -81,7 +81,7 @@ class _Signals:
         if self.study is not None:
             abandon_live(self.study)
         logging.shutdown()
-        os._exit(0)
+        os._exit(STOPPED_EXIT)
 
     def __exit__(self, *exc: Any) -> None:
         self.done.set()
