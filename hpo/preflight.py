@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from hpo.errors import SpecError
+from hpo.errors import HpoError, SpecError
 from hpo.spec import IdxData, StudySpec
 
 
@@ -47,13 +47,18 @@ DIR_ENV = "HPO_CHECKPOINT_DIR"
 
 
 def _check_writable(folder: Path, source: str) -> None:
-    """Create ``folder`` (0700) if missing, write and remove a probe file in it; else one line naming the fix."""
+    """Create ``folder`` (0700) if missing, check it is this user's alone, write and remove a probe file in it; else
+    one line naming the fix."""
     where = f"{DIR_ENV}" if os.environ.get(DIR_ENV) else "objective.checkpoint.path"
+    from hpo.objectives.checkpoints import check_folder
+
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_folder(folder)  # created 0700; refused unless this user's and writable by nobody else
         fd, probe = tempfile.mkstemp(prefix=".hpo-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
+    except HpoError as exc:
+        raise SpecError(f"{source}: {where}: {exc}") from None
     except OSError as exc:
         raise SpecError(
             f"{source}: {where}: cannot write checkpoints in {folder} ({exc.strerror or exc}); "

@@ -242,6 +242,7 @@ def _train_loop(
         from hpo.objectives.checkpoints import LoopState
 
         checkpoint.extra["history"] = history
+        checkpoint.records["history"] = EpochResult  # saved as plain dicts (weights_only loading)
         resumed = checkpoint.load(model, opt, device)
         if resumed is not None:
             gen.set_state(resumed.gen_state)
