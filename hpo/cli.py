@@ -923,16 +923,20 @@ def db_init(
         ),
     ] = None,
     mysql_host: Annotated[str, typer.Option(help="MySQL/MariaDB: the host part of both users.")] = "%",
+    analyst_connections: Annotated[
+        int, typer.Option(help="Most sessions of the analyst role at once (all analysts and dashboards together).")
+    ] = 10,
 ) -> None:
     """Create Optuna's tables and two roles (idempotent), with an admin's --storage URL: a worker role that reads and
     writes trials, and an analyst role that may only SELECT. PostgreSQL and MySQL/MariaDB."""
-    from hpo.db import Role, init_roles, summary
+    from hpo.db import AnalystLimits, Role, init_roles, summary
     from hpo.storage import mask, resolve_url
 
     url = resolve_url(storage)
     worker_ = Role(worker_role, _role_password("worker", worker_password_file), "worker")
     analyst_ = Role(analyst_role, _role_password("analyst", analyst_password_file), "analyst")
-    grants = init_roles(url, worker_, analyst_, mysql_host=mysql_host)
+    limits = AnalystLimits(connections=analyst_connections)
+    grants = init_roles(url, worker_, analyst_, mysql_host=mysql_host, limits=limits)
     out.print(f"database ready: {lit(mask(url))}", highlight=False, soft_wrap=True)
     for role in (worker_, analyst_):
         out.print(
