@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -199,6 +199,7 @@ def run(
     }
     WorkerOptions(**fault_opts)  # type: ignore[arg-type]
     create(spec, url, grace=grace if grace is not None else 2 * heartbeat)
+    before = _finished_ids(spec.name, url)  # this run's outcome: the trials that finish from now on
     budget = n_trials if n_trials is not None else spec.budget.n_trials
     if n_trials is None and "budget" not in spec.model_fields_set:
         err.print(
@@ -229,7 +230,7 @@ def run(
         else:
             stopped = _run_processes(
                 study_file, url, workers, threads, device, n_trials, timeout, heartbeat, grace, max_retry, poll,
-                population=population, fault_opts=fault_opts,
+                population=population, fault_opts=fault_opts, objective=spec.objective.kind,
             )  # fmt: skip
     _summary(spec.name, url)
     out.print(
@@ -241,6 +242,7 @@ def run(
     if stopped:
         out.print("stopped before the budget was met; run the same command again to resume")
         raise typer.Exit(STOPPED_EXIT)
+    _require_a_completed_trial(spec.name, url, before=before)
 
 
 def _run_processes(
@@ -257,11 +259,14 @@ def _run_processes(
     poll: Callable[[], None],
     population: str | None = None,
     fault_opts: dict[str, float] | None = None,
+    objective: str = "",
 ) -> bool:
-    cmd = [sys.executable, "-m", "hpo", "worker", str(study_file), "--threads", str(threads), "--device", device]
+    # -P: the working folder is not put first on the children's import path (a typer.py there would run in each);
+    # a user's objective is imported from where this process found it, appended last (hpo.trust.PATH_ENV)
+    cmd = [sys.executable, "-P", "-m", "hpo", "worker", str(study_file), "--threads", str(threads), "--device", device]
     for key, value in (fault_opts or {}).items():  # --db-retry-for, --stop-timeout, --lock-timeout, ...
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    cmd += ["--heartbeat", str(heartbeat), "--max-retry", str(max_retry), "--quiet"]
+    cmd += ["--heartbeat", str(heartbeat), "--max-retry", str(max_retry), "--quiet", "--no-require-complete"]
     if grace is not None:
         cmd += ["--grace", str(grace)]
     if n_trials is not None:
@@ -270,9 +275,14 @@ def _run_processes(
         cmd += ["--timeout", str(timeout)]
     if population is not None:
         cmd += ["--population", population]
-    env = {**os.environ, "HPO_STORAGE": url}  # never on a command line, where ps shows it
+    from hpo.trust import PATH_ENV, objective_root
+
+    env = {**os.environ}
+    root = objective_root(objective)
+    if root is not None:
+        env[PATH_ENV] = os.pathsep.join(p for p in (root, os.environ.get(PATH_ENV)) if p)
     # Own process groups: a Ctrl-C reaches the workers once, forwarded, not twice (which would exit them at once).
-    procs = [subprocess.Popen([*cmd, "--seed-offset", str(i)], env=env, start_new_session=True) for i in range(workers)]
+    procs = [_start_child([*cmd, "--seed-offset", str(i)], env, url) for i in range(workers)]
     received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:  # SIGTERM/SIGINT: to every worker; then wait for them
@@ -298,6 +308,76 @@ def _run_processes(
     if any(c not in (0, None) for c in codes):
         raise HpoError(f"a worker exited with status {max(c for c in codes if c)}; see its message above")
     return stopped
+
+
+def _start_child(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Popen[bytes]:
+    """Start a child worker with the storage URL in its environment (never on a command line, where ps shows it)
+    and the URL's password, if any, only in a pipe it inherits (``HPO_STORAGE_PASSWORD_FILE=/dev/fd/N``): not in
+    its environment, which other processes of the same user can read and which its own children inherit."""
+    from sqlalchemy.engine import URL, make_url
+
+    from hpo.storage import SECRET_FILE_MAX
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # the child says what is wrong with the URL
+        parsed = None
+    password = parsed.password if parsed is not None else None
+    if not password or "\n" in password or len(password.encode()) >= SECRET_FILE_MAX:
+        return subprocess.Popen(cmd, env={**env, "HPO_STORAGE": url}, start_new_session=True)
+    p = parsed  # the same URL without its password (URL.set cannot unset one)
+    bare_url = URL.create(p.drivername, p.username, None, p.host, p.port, p.database, p.query)
+    bare = bare_url.render_as_string(hide_password=False)
+    read, write = os.pipe()
+    try:
+        os.write(write, f"{password}\n".encode())  # a few bytes: the pipe holds them, the write cannot block
+        os.close(write)
+        child_env = {**env, "HPO_STORAGE": bare, "HPO_STORAGE_PASSWORD_FILE": f"/dev/fd/{read}"}
+        return subprocess.Popen(cmd, env=child_env, pass_fds=(read,), start_new_session=True)
+    finally:
+        os.close(read)
+
+
+def _finished_ids(name: str, url: str) -> set[int]:
+    import optuna
+
+    from hpo.storage import open_storage
+
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    return {t._trial_id for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+
+#: Trials failed by their objective (it raised, or returned something that is not a number, or NaN), as opposed to
+#: a stop, a reap or a lost database (re-queued) or a pruner's verdict.
+_OBJECTIVE_FAILURES = ("error", "objective returned NaN")
+
+
+def _require_a_completed_trial(
+    name: str, url: str, *, before: Collection[int] = (), numbers: Collection[int] | None = None
+) -> None:
+    """A run whose trials all failed is no success: status 2, with the first failure's reason (one line).
+
+    The run's trials: those finished since ``before`` (ids), and among those ``numbers`` when given."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from hpo.storage import open_storage
+
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    mine = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and t._trial_id not in before and (numbers is None or t.number in numbers)
+    ]
+    if any(t.state == TrialState.COMPLETE for t in mine):
+        return
+    failed = [t for t in mine if t.user_attrs.get("reason") in _OBJECTIVE_FAILURES]
+    if failed:
+        first = min(failed, key=lambda t: t.number)
+        why = first.user_attrs.get("error") or first.user_attrs.get("reason")
+        raise HpoError(
+            f"no trial completed: {len(failed)} of {len(mine)} failed; the first, trial #{first.number}: {why}"
+        )
 
 
 def _summary(name: str, url: str) -> None:
@@ -386,17 +466,31 @@ def worker(
     population: PopulationOpt = None,
     lock_timeout: LockTimeoutOpt = 5.0,
     lock_idle_timeout: LockIdleOpt = 10.0,
+    objective: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A module:function objective this worker may run when started by study name (the stored study file "
+            "is the database's word; also $HPO_ALLOW_OBJECTIVES); with a study file, the objective it must name."
+        ),
+    ] = None,
+    require_complete: Annotated[bool, typer.Option(hidden=True)] = True,  # hpo run's children: hpo run decides
 ) -> None:
     """Pull trials of a study until its global budget is met (run many of these, on many machines).
 
     Says what it does: a line per finished trial (plain log lines off a terminal, for docker logs and Slurm output
-    files) and, on a terminal, a live progress view of the study."""
+    files) and, on a terminal, a live progress view of the study. Started by study name, it runs no code and uses
+    no folder that only the database names (README: "What a worker started by name trusts")."""
     from hpo.progress import StudyProgress, TrialLog
+    from hpo.trust import allowed_objectives, check_objective_flag, extend_import_path
     from hpo.worker import WorkerOptions, create, run_worker
 
+    extend_import_path()  # a child of hpo run: its parent's objective folder, last on the path
     _check_timeout(timeout)
+    objectives = tuple(objective or ())
+    allowed_objectives(objectives)  # a malformed --objective or HPO_ALLOW_OBJECTIVES: before anything is read
     spec, url, name = _spec_and_url(study, storage)
     if spec is not None:
+        check_objective_flag(spec, objectives)
         _preflight(spec, Path(study), population)
     opts = WorkerOptions(  # checks its own values: before anything is written or logged
         heartbeat_interval=heartbeat,
@@ -412,6 +506,7 @@ def worker(
         population=population,
         lock_timeout=lock_timeout,
         lock_idle_timeout=lock_idle_timeout,
+        objectives=objectives,
     )
     live = None
     if not quiet and err.is_terminal:
@@ -443,6 +538,8 @@ def worker(
         )
     if result.interrupted:
         raise typer.Exit(STOPPED_EXIT)  # stopped by a signal before the budget: engines run it again
+    if require_complete and result.ran and not result.complete:
+        _require_a_completed_trial(name, url, numbers=set(result.trials))
 
 
 @app.command()

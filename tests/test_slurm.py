@@ -200,6 +200,7 @@ def test_job_array_meets_the_budget_and_a_cancelled_task_trial_is_finished_by_an
         HPO_STUDY=study_name,
         HPO_STORAGE_FILE=str(url_file),
         HPO_WORKER_ARGS="--heartbeat 1 --grace 3 --quiet",
+        HPO_ALLOW_OBJECTIVES="worker_objectives:sleepy",  # workers started by name run only code their side names
     )
     cluster.env.pop("HPO_STORAGE", None)
     out = cluster.run("sbatch", "--parsable", f"--chdir={tmp_path}", "--array=0-3", str(SCRIPT))
@@ -273,6 +274,7 @@ def test_a_time_limit_requeues_the_task_until_the_budget_is_met(
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
         HPO_STUDY=study_name,
         HPO_STORAGE=postgres_url,
+        HPO_ALLOW_OBJECTIVES="worker_objectives:sleepy",
         HPO_WORKER_ARGS="--heartbeat 1 --grace 3 --quiet",
     )
     # a 1-minute limit, warned 40 s before it: each run of the task has about 20 s, 6 trials of 3 s

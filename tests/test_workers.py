@@ -139,7 +139,10 @@ def test_workers_by_study_name_after_create(postgres_url: str, study_name: str, 
     created = hpo_cli("create", str(study), "--storage", postgres_url, env=ENV)
     assert created.returncode == 0, created.stderr
     assert hpo_cli("create", str(study), "--storage", postgres_url, env=ENV).returncode == 0  # idempotent
-    results = finish([start_worker(study_name, postgres_url) for _ in range(2)])
+    # by name, a user's objective runs only when the worker names it (hpo.trust)
+    results = finish(
+        [start_worker(study_name, postgres_url, "--objective", "worker_objectives:sleepy") for _ in range(2)]
+    )
     assert [rc for rc, _ in results] == [0, 0], [e for _, e in results]
     assert_budget_exact(postgres_url, study_name, 12)
 

@@ -45,6 +45,7 @@ from hpo.objectives import Interrupted
 from hpo.storage import (
     budget_counts,
     budget_lock,
+    denied_reason,
     describe_error,
     mask,
     quiet_optuna,
@@ -110,7 +111,7 @@ def with_db_retry(
         try:
             return fn()
         except Exception as exc:
-            if not is_db_error(exc):
+            if not is_db_error(exc) or denied_reason(exc) is not None:  # a refusal to this role is final
                 raise
             if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
                 exc = exc.__cause__

@@ -40,6 +40,9 @@ class WorkerOptions:
     lock_timeout: float = 5.0
     #: A worker idle this long inside the budget lock's transaction (SIGSTOPped, its network dead) loses the lock.
     lock_idle_timeout: float = 10.0
+    #: ``module:function`` objectives a worker started by study name may run (``--objective``; also
+    #: ``HPO_ALLOW_OBJECTIVES``): a stored study file naming any other code is refused (:mod:`hpo.trust`).
+    objectives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for flag, value in (("--lock-timeout", self.lock_timeout), ("--lock-idle-timeout", self.lock_idle_timeout)):

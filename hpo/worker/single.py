@@ -7,6 +7,7 @@ worker exits 0. A second signal exits at once (status 130); heartbeats then reap
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from hpo.samplers import make_sampler
 from hpo.spec import StudySpec
 from hpo.storage import describe_error, open_storage, set_trial_attrs
 from hpo.threads import budget as thread_budget
+from hpo.trust import check_stored
 from hpo.worker.lease import (
     Heartbeats,
     abandon_live,
@@ -130,7 +132,11 @@ def run_worker(
         name = study_or_spec.name
     else:
         name = study_or_spec
-    study, spec = with_db_retry("load the study", lambda: load(name, storage), opts.db_retry_for, storage_url)
+    # by name: the stored file is the database's word, so it may name no code or path this worker did not allow
+    check = None
+    if not isinstance(study_or_spec, StudySpec):
+        check = functools.partial(check_stored, name=name, objectives=opts.objectives)
+    study, spec = with_db_retry("load the study", lambda: load(name, storage, check), opts.db_retry_for, storage_url)
     if isinstance(study_or_spec, StudySpec):
         spec = study_or_spec
     else:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -154,8 +155,16 @@ def experiment_changes(spec: StudySpec, stored: StudySpec) -> list[str]:
     return found
 
 
-def load(study_name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, StudySpec]:
-    """Load a study created by hpo, with the study file stored in it."""
+def load(
+    study_name: str,
+    storage: optuna.storages.BaseStorage,
+    check: Callable[[StudySpec], None] | None = None,
+) -> tuple[optuna.Study, StudySpec]:
+    """Load a study created by hpo, with the study file stored in it.
+
+    ``check`` sees the stored file before anything uses it (a worker started by name: :func:`hpo.trust.check_stored`,
+    since anyone with the worker login can rewrite it); it raises to refuse it.
+    """
     try:
         summary = optuna.study.load_study(
             study_name=study_name, storage=storage, sampler=optuna.samplers.RandomSampler()
@@ -168,6 +177,8 @@ def load(study_name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.
             f"study {study_name!r} was not created by hpo (no stored study file); run it with a study file"
         )
     spec = parse_spec(stored, f"stored study {study_name!r}")
+    if check is not None:
+        check(spec)
     with contextlib.suppress(Exception):  # a read-only role cannot migrate; what it reads is masked by the worker
         mask_stored_spec(summary)
     study = optuna.load_study(
