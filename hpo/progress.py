@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hpo.render import visible
-from hpo.storage import count_budget, open_storage
+from hpo.storage import best_of, count_budget, open_storage
 
 #: The logger of the per-trial lines; :func:`trial_logger` gives it a plain handler of its own.
 TRIAL_LOG = "hpo.trials"
@@ -170,9 +170,9 @@ class StudyProgress:
         best = ""
         if complete and len(self.metric) > 1:  # several objectives: the size of the Pareto front
             best = f"front {len(self.study.best_trials)}  "
-        elif complete:
-            pick = max if self.study.direction.name == "MAXIMIZE" else min
-            best = f"best {pick(t.value for t in complete):.4g}  "
+        elif complete:  # the best feasible trial, as Optuna's study.best_trial
+            top = best_of(complete, self.study.direction)
+            best = f"best {top.value:.4g}  " if top is not None else "best none feasible  "
         # against the budget, by its rule: a failed trial that was re-queued gives its slot to its copy
         counted, running = count_budget(trials)
         info = f"{best}pruned {pruned}  failed {failed}"

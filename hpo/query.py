@@ -27,7 +27,7 @@ from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError, StudyError
-from hpo.storage import mask, open_read_only, quiet_optuna
+from hpo.storage import best_of, is_feasible, mask, open_read_only, quiet_optuna
 
 #: user attributes that get a column of their own in :func:`trials`.
 TRIAL_ATTRS: tuple[str, ...] = ("epochs_reached", "reason", "seed", "device", "worker")
@@ -115,11 +115,9 @@ def studies(storage_url: str) -> list[dict[str, Any]]:
         best_value: float | None = None
         best_trial: int | None = None
         if len(fs.directions) == 1 and c.get("complete"):
-            try:
-                bt = storage.get_best_trial(sid)
+            bt = _best_trial(storage, sid, fs.directions[0])
+            if bt is not None:
                 best_value, best_trial = bt.value, bt.number
-            except ValueError:
-                pass
         result.append(
             {
                 "name": fs.study_name,
@@ -365,10 +363,42 @@ def _direction(storage: optuna.storages.RDBStorage, sid: int, study: str) -> opt
     return directions[0]
 
 
+def _best_trial(
+    storage: optuna.storages.RDBStorage, sid: int, direction: optuna.study.StudyDirection
+) -> FrozenTrial | None:
+    """Optuna's ``study.best_trial``: its best-value query, and where that trial breaks a constraint, the best of the
+    feasible COMPLETE trials (None where none completed or none is feasible)."""
+    try:
+        bt = storage.get_best_trial(sid)
+    except ValueError:
+        return None
+    if is_feasible(bt):
+        return bt
+    return best_of(storage.get_all_trials(sid, deepcopy=False, states=(TrialState.COMPLETE,)), direction)
+
+
+def _infeasible_ids(conn: sa.Connection, sid: int) -> set[int]:
+    """Ids of the study's trials that break a recorded constraint (Optuna's system attributes ``constraints``, a
+    list from a sampler's ``constraints_func``, and ``constraints:NAME`` from ``trial.set_constraint``)."""
+    t, a = models.TrialModel.__table__, models.TrialSystemAttributeModel.__table__
+    stmt = (
+        sa.select(a.c.trial_id, a.c.key, a.c.value_json)
+        .join(t, t.c.trial_id == a.c.trial_id)
+        .where(t.c.study_id == sid, sa.or_(a.c.key == "constraints", a.c.key.like("constraints:%")))
+    )
+    out: set[int] = set()
+    for trial_id, key, value_json in conn.execute(stmt):
+        value = json.loads(value_json)
+        values = value if key == "constraints" else [value]
+        if any(c > 0.0 for c in values or ()):
+            out.add(trial_id)
+    return out
+
+
 def best(storage_url: str, study: str, n: int | None = None) -> list[dict[str, Any]]:
     """The ``n`` best COMPLETE trials (default 1), best first (empty list if none completed); a study with several
     objectives: its Pareto front (Optuna's ``study.best_trials``, every trial of it unless ``n``), sorted by the
-    first metric, best first.
+    first metric, best first. Where trials record constraints, only feasible ones (all <= 0), as Optuna picks them.
 
     ``n == 1`` is Optuna's own best-trial query; for more, only (trial id, value) pairs are read to rank them.
 
@@ -385,10 +415,8 @@ def best(storage_url: str, study: str, n: int | None = None) -> list[dict[str, A
     n = 1 if n is None else n
     direction = _direction(storage, sid, study)
     if n == 1:
-        try:
-            chosen = [storage.get_best_trial(sid)]
-        except ValueError:
-            chosen = []
+        bt = _best_trial(storage, sid, direction)
+        chosen = [bt] if bt is not None else []
     else:
         t, v = models.TrialModel.__table__, models.TrialValueModel.__table__
         stmt = (
@@ -398,6 +426,8 @@ def best(storage_url: str, study: str, n: int | None = None) -> list[dict[str, A
         )
         with storage.engine.connect() as conn:
             rows = conn.execute(stmt).all()
+            infeasible = _infeasible_ids(conn, sid)
+        rows = [r for r in rows if r.trial_id not in infeasible]
         vt = models.TrialValueModel.TrialValueType
 
         def value(r: Any) -> float:

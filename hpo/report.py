@@ -47,6 +47,7 @@ from hpo.hypotheses import Verdict, check, claim_words
 from hpo.progress import metric_names
 from hpo.render import visible
 from hpo.spec import Prediction, StudySpec, parse_spec
+from hpo.storage import is_feasible
 
 SPEC_ATTR = "hpo:spec"  # where hpo.worker.create stores the study file
 STATE_COLOURS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#7f7f7f"}
@@ -1054,7 +1055,7 @@ def _config_table(ctx: _Study) -> str:
 
 def _best_table(ctx: _Study) -> str:
     """The ten best trials; several objectives: every trial of the Pareto front, by the first metric."""
-    top = ctx.front or sorted(ctx.complete, key=lambda t: t.value, reverse=ctx.maximize)[:10]  # type: ignore[arg-type,return-value]
+    top = ctx.front or sorted(filter(is_feasible, ctx.complete), key=lambda t: t.value, reverse=ctx.maximize)[:10]  # type: ignore[arg-type,return-value]
     names = sorted({k for t in top for k in t.params})
     metrics = ctx.metrics if ctx.multi else [ctx.metric]
     shared = any((t.user_attrs.get("population") or 1) > 1 for t in top)

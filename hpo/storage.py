@@ -870,6 +870,22 @@ def requeued_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
     return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
 
 
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Optuna's rule for constrained studies: a trial is feasible when every constraint it records
+    (``trial.set_constraint``, or a sampler's ``constraints_func``) is <= 0; one that records none is feasible."""
+    return all(c <= 0.0 for c in trial.constraints.values())
+
+
+def best_of(
+    trials: Sequence[optuna.trial.FrozenTrial], direction: optuna.study.StudyDirection
+) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE feasible trial, as Optuna's ``study.best_trial`` picks it (None where there is none): every
+    best hpo names (``hpo best``, ``hpo studies``, the progress bar, the report) honours the constraints."""
+    pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
+    ok = [t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]
+    return pick(ok, key=lambda t: t.value) if ok else None  # type: ignore[arg-type,return-value]
+
+
 def count_budget(trials: Sequence[optuna.trial.FrozenTrial]) -> tuple[int, int]:
     """(counted, running) of a list of trials, by the rule :func:`budget_counts` counts in SQL."""
     requeued = requeued_numbers(trials)

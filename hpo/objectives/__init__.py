@@ -1,7 +1,7 @@
 """Objectives: one module per kind, a registry by name, and ``module:function`` for users' own.
 
 An objective is ``fn(trial, context) -> float``; a user's own may be a plain Optuna objective ``fn(trial) -> float``
-(:func:`wants_context` reads which from its signature, once). It reports intermediate values to the trial so pruners can stop it,
+(:func:`wants_context` reads which from its signature, once), a function or a callable instance (not a class). It reports intermediate values to the trial so pruners can stop it,
 raises :class:`optuna.TrialPruned` when told to (or when its run diverges, with ``reason`` in the trial's user
 attributes), and calls ``context.check_stop()`` often enough that a worker asked to stop is not kept waiting.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,12 @@ def resolve(kind: str) -> Objective:
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise SpecError(f"objective.kind: {module_name!r} has no function {func_name!r}")
+    if inspect.isclass(fn):  # called with the trial, a class would build an instance, not return a value
+        raise SpecError(
+            f"objective.kind: {kind} is a class; name a function, or an instance of it "
+            f"(e.g. objective = {func_name}(...) in {module_name}) as Optuna's study.optimize takes one"
+        )
+    _check_callable(fn, kind)
     from hpo.checks import check_not_shadowed
 
     check_not_shadowed()  # the user's module may have put a folder named hpo first on the path
@@ -84,6 +91,7 @@ def resolve(kind: str) -> Objective:
 
 
 _CONTEXT_NAMES = ("ctx", "context")
+_CONTEXT_ANNOTATION = re.compile(r"\bContext\b")
 
 
 def context_parameter(fn: Callable[..., Any]) -> inspect.Parameter | None:
@@ -91,7 +99,8 @@ def context_parameter(fn: Callable[..., Any]) -> inspect.Parameter | None:
     a plain Optuna objective ``def f(trial)``.
 
     The context goes to a parameter named ``ctx``/``context`` or annotated ``Context``, else to a second positional
-    parameter (``def f(trial, c)``).
+    parameter without a default (``def f(trial, c)``). A second parameter with a default (``def f(trial,
+    data=None)``) is the user's own, as Optuna leaves it: it keeps its default.
     """
     try:
         sig = inspect.signature(fn)
@@ -100,10 +109,12 @@ def context_parameter(fn: Callable[..., Any]) -> inspect.Parameter | None:
     params = list(sig.parameters.values())
     for p in params[1:]:
         annotation = p.annotation if isinstance(p.annotation, str) else repr(p.annotation)
-        if p.name in _CONTEXT_NAMES or "Context" in annotation:
+        if p.name in _CONTEXT_NAMES or _CONTEXT_ANNOTATION.search(annotation):
             return p
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
-    return positional[1] if len(positional) >= 2 else None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 and positional[1].default is inspect.Parameter.empty:
+        return positional[1]
+    return None
 
 
 def wants_context(fn: Callable[..., Any]) -> bool:
@@ -111,22 +122,51 @@ def wants_context(fn: Callable[..., Any]) -> bool:
     return context_parameter(fn) is not None
 
 
+def _check_callable(fn: Callable[..., Any], kind: str) -> None:
+    """Refuse, at load, an objective that cannot be called as hpo will call it (e.g. ``def f()``), so that the file
+    is refused in one line instead of every trial failing."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    p = context_parameter(fn)
+    positional = p is not None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    try:
+        if p is None:
+            sig.bind(None)
+        elif positional:
+            sig.bind(None, None)
+        else:
+            sig.bind(None, **{p.name: None})
+    except TypeError as exc:
+        how = "f(trial)" if p is None else ("f(trial, ctx)" if positional else f"f(trial, {p.name}=ctx)")
+        raise SpecError(f"objective.kind: {kind} cannot be called as {how}: {exc}") from None
+
+
+def uses_context(objective: Objective) -> bool:
+    """Whether hpo's :class:`Context` reaches this objective (hpo's own do; a user's when its signature asks): only
+    then are the context's ``seed``, ``device`` and ``threads`` stored with its trials."""
+    return bool(getattr(objective, "uses_context", True))
+
+
 def adapt(fn: Callable[..., float]) -> Objective:
     """A user's objective as hpo calls it, ``objective(trial, ctx)``; decided once, from its signature.
 
-    ``def f(trial)`` is called ``f(trial)``; ``def f(trial, ctx)`` as it is; ``def f(trial, *, context)`` with
-    ``context=ctx``.
+    ``def f(trial)`` is called ``f(trial)`` (so is ``def f(trial, data=None)``); ``def f(trial, ctx)`` as it is;
+    ``def f(trial, *, context)`` with ``context=ctx``.
     """
     p = context_parameter(fn)
-    if p is not None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL):
-        return fn
-    name = p.name if p is not None else None
+    positional = p is not None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    name = p.name if p is not None and not positional else None
 
     def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
+        if positional:
+            return fn(trial, ctx)
         return fn(trial, **{name: ctx}) if name is not None else fn(trial)
 
     objective.__wrapped__ = fn  # type: ignore[attr-defined]
-    objective.__name__ = getattr(fn, "__name__", "objective")
+    objective.__name__ = getattr(fn, "__name__", type(fn).__name__)
+    objective.uses_context = p is not None  # type: ignore[attr-defined]
     return objective
 
 
@@ -162,5 +202,6 @@ __all__ = [
     "adapt",
     "context_parameter",
     "trial_seed",
+    "uses_context",
     "wants_context",
 ]

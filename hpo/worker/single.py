@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import os
+import reprlib
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from optuna.trial import TrialState
 
 from hpo import space as search_space
 from hpo.errors import STOPPED_EXIT, HpoError
-from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_seed
+from hpo.objectives import Context, Interrupted, resolve, resolve_device, trial_seed, uses_context
 from hpo.samplers import make_sampler
 from hpo.spec import StudySpec
 from hpo.storage import describe_error, open_storage, set_trial_attrs
@@ -206,7 +207,8 @@ def run_worker(
                     break
                 if outcome in ("requeued", "dropped"):  # a database error or a reap, not the objective's fault
                     continue
-                failures += 1
+                # a value Optuna refuses (NaN, None) fails the trial, never the study, as in Optuna
+                failures += outcome != "bad value"
                 if failures >= opts.max_consecutive_failures:
                     raise HpoError(
                         f"{failures} trials failed in a row; last error: {frozen.user_attrs.get('error', 'unknown')}"
@@ -262,20 +264,42 @@ def _next_trial(
     return None
 
 
+class BadValue(Exception):
+    """An objective's return value that Optuna would not store (NaN, None, a string): the trial fails, as in Optuna,
+    with Optuna's wording as its ``error``; the worker carries on (a value, not a crash of the objective)."""
+
+
 def _values(result: Any, spec: StudySpec) -> list[float]:
     """An objective's result as one value per metric of the study file (a number, or a tuple / list of them).
 
     Raises:
+        BadValue: a value Optuna refuses (its wording: "The value nan is not acceptable", "The value None could not
+            be cast to float"); ``inf`` and numpy scalars are numbers, as in Optuna.
         ValueError: not as many values as the file names metrics (the trial fails with this error).
     """
     names = spec.metric_names
     values = list(result) if isinstance(result, list | tuple) else [result]
-    if len(values) != len(names):
+    problems: list[str] = []
+    numbers: list[float] = []
+    for v in values:
+        try:
+            if isinstance(v, str | bytes):  # float("1.5") would pass; Optuna refuses (or crashes on) a string
+                raise TypeError
+            number = float(v)
+        except (TypeError, ValueError):
+            problems.append(f"The value {v!r} could not be cast to float")
+            continue
+        if math.isnan(number):
+            problems.append(f"The value {v} is not acceptable")
+        numbers.append(number)
+    if problems:
+        raise BadValue("; ".join(problems))
+    if len(numbers) != len(names):
         raise ValueError(
             f"the objective returned {len(values)} value(s); the study file names {len(names)} metric(s) "
             f"({', '.join(names)})"
         )
-    return [float(v) for v in values]
+    return numbers
 
 
 def _run_one(
@@ -289,13 +313,15 @@ def _run_one(
     opts: WorkerOptions,
     url: str,
 ) -> tuple[optuna.trial.FrozenTrial, str]:
-    """Run one trial and store its outcome: ``"done"``, ``"interrupted"``, ``"requeued"`` (database error) or
-    ``"dropped"`` (the trial was finished elsewhere, reaped, while it ran: nothing of it is stored by this worker).
+    """Run one trial and store its outcome: ``"done"``, ``"bad value"`` (failed on a value Optuna refuses),
+    ``"interrupted"``, ``"requeued"`` (database error) or ``"dropped"`` (the trial was finished elsewhere, reaped,
+    while it ran: nothing of it is stored by this worker).
 
     An interrupted trial, or one whose database calls failed mid-run, is failed and re-queued with its parameters.
     """
     state = TrialState.FAIL
     value: list[float] | None = None
+    result: Any = None
     outcome = "done"
     reason: str | None = None
     error: str | None = None
@@ -307,24 +333,24 @@ def _run_one(
             inherited = cached.user_attrs if cached is not None else trial.user_attrs
             params = search_space.suggest(trial, spec.space)
             seed = int(inherited.get("seed", trial_seed(spec, trial.number)))
-            attrs: dict[str, Any] = {
-                "seed": seed,
-                "device": device,
-                "threads": threads,
-                "worker": worker_name(),
-            }
+            attrs: dict[str, Any] = {"worker": worker_name()}
+            if uses_context(objective):  # what the context gave it; a plain objective's own attributes are its own
+                attrs.update(seed=seed, device=device, threads=threads)
             if inherited.get("reason") is not None:  # the copy's outcome is its own
                 attrs["reason"] = None
             set_trial_attrs(trial, attrs, replace=bool(inherited.keys() & attrs.keys()))
             ctx = Context(spec=spec, params=params, seed=seed, threads=threads, device=device, stop=stop)
-            value = _values(objective(trial, ctx), spec)
-            if any(math.isnan(v) for v in value):
-                reason = "objective returned NaN"
-                state = TrialState.PRUNED
-            else:
-                state = TrialState.COMPLETE
-        except optuna.TrialPruned:
+            result = objective(trial, ctx)
+            value = _values(result, spec)
+            state = TrialState.COMPLETE
+        except BadValue as exc:  # Optuna's answer: FAIL, one warning line, and the study goes on
+            log.warning("trial %d failed with value %s: %s", trial.number, reprlib.repr(result), exc)
+            outcome, reason, error = "bad value", "error", str(exc)
+        except optuna.TrialPruned as exc:
             state = TrialState.PRUNED
+            # the message kept where hpo keeps a pruned trial's why, unless the objective wrote its own
+            if getattr(trial, "_cached_frozen_trial", trial).user_attrs.get("reason") is None:
+                reason = str(exc) or "pruned"
         except Interrupted:
             outcome, reason = "interrupted", "interrupted"
         except optuna.exceptions.UpdateFinishedTrialError:  # reaped while it ran: its copy runs (or ran) elsewhere
@@ -351,5 +377,6 @@ def _run_one(
                 reason, error = "error", f"{type(exc).__name__}: {exc}"[:500]
     attrs = {k: v for k, v in (("reason", reason), ("error", error)) if v is not None}
     value = value if state == TrialState.COMPLETE else None
-    frozen, _ = tell(trial.study, trial, state, value, opts, url, attrs, requeue=outcome != "done")
+    requeue = outcome not in ("done", "bad value")
+    frozen, _ = tell(trial.study, trial, state, value, opts, url, attrs, requeue=requeue)
     return frozen, outcome
