@@ -165,6 +165,14 @@ def study_name() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
+#: The test suite's own objective modules, allowed for workers started by study name (hpo.trust: such a worker runs
+#: only code its side names; tests/test_security_workers.py proves the refusal without this).
+TEST_OBJECTIVES = ",".join(
+    f"{m}:*" for m in ("fault_objectives", "worker_objectives", "plain_objectives", "fast_objectives",
+                       "tests.fast_objectives", "optuna_like")
+)  # fmt: skip
+
+
 def hpo_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:

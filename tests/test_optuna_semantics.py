@@ -25,10 +25,13 @@ from hpo.objectives import Context, _check_callable, adapt, context_parameter
 from hpo.storage import best_of
 
 from . import optuna_like
-from .conftest import hpo_cli
+from .conftest import TEST_OBJECTIVES, hpo_cli
 
 TESTS = Path(__file__).resolve().parent
-ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    "HPO_ALLOW_OBJECTIVES": TEST_OBJECTIVES,
+}
 
 
 def study_file(path: Path, name: str, kind: str, n_trials: int, direction: str = "maximize") -> Path:

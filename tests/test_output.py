@@ -18,10 +18,13 @@ import yaml
 
 from hpo import query
 
-from .conftest import hpo_cli
+from .conftest import TEST_OBJECTIVES, hpo_cli
 
 TESTS = Path(__file__).resolve().parent
-ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    "HPO_ALLOW_OBJECTIVES": TEST_OBJECTIVES,
+}
 NAME = "spirals-optimizer-nine-parameters"
 PARAMS = [
     "activation",

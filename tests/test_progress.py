@@ -13,11 +13,14 @@ from pathlib import Path
 
 import optuna
 
-from .conftest import hpo_cli, write_study
+from .conftest import TEST_OBJECTIVES, hpo_cli, write_study
 from .timing import ceiling
 
 TESTS = Path(__file__).resolve().parent
-ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    "HPO_ALLOW_OBJECTIVES": TEST_OBJECTIVES,
+}
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d trial (\d+) (COMPLETE|PRUNED|FAIL) value=(\S+) in [\d.]+s")
 
 

@@ -16,10 +16,13 @@ from optuna.trial import TrialState
 from hpo.objectives import Context, adapt, wants_context
 from hpo.spec import parse_spec
 
-from .conftest import hpo_cli
+from .conftest import TEST_OBJECTIVES, hpo_cli
 
 TESTS = Path(__file__).resolve().parent
-ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    "HPO_ALLOW_OBJECTIVES": TEST_OBJECTIVES,
+}
 
 
 def user_study(path: Path, name: str, **doc: object) -> Path:

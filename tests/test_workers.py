@@ -24,11 +24,14 @@ from hpo.errors import STOPPED_EXIT
 from hpo.storage import POOL_SIZE, open_storage
 from hpo.worker import WorkerOptions, budget_used, count_budget, reap, take_slots
 
-from .conftest import hpo_cli, write_study
+from .conftest import TEST_OBJECTIVES, hpo_cli, write_study
 from .timing import ceiling
 
 TESTS = Path(__file__).resolve().parent
-ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    "HPO_ALLOW_OBJECTIVES": TEST_OBJECTIVES,
+}
 FAST = ["--heartbeat", "1", "--grace", "3", "--threads", "1", "--quiet"]
 
 
