@@ -294,7 +294,7 @@ def test_grace_is_stored_with_the_study_and_checked(sqlite_url: str, study_name:
     assert stored["hpo:grace"] == 7.0
     bad = hpo_cli("grace", study_name, "0", "--storage", sqlite_url, env=ENV)
     assert bad.returncode == 2 and bad.stderr.startswith("error: grace period"), bad.stderr
-    assert hpo_cli("grace", study_name, "12.5", "--storage", sqlite_url, env=ENV).returncode == 0
+    assert hpo_cli("grace", study_name, "12.5", "--heartbeat", "5", "--storage", sqlite_url, env=ENV).returncode == 0
     assert optuna.load_study(study_name=study_name, storage=sqlite_url).user_attrs["hpo:grace"] == 12.5
 
 
