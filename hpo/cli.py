@@ -161,7 +161,35 @@ def _preflight(spec: Any, study_file: Path, population: str | None = None) -> No
 # --------------------------------------------------------------------------- running
 
 
+def _interrupt_exits(fn: F) -> F:
+    """Ctrl-C exits at once (130, one line) until a worker's own handler takes over (and after it hands back).
+
+    Python's default raises KeyboardInterrupt wherever the main thread is, a garbage collector's callback included,
+    where it is printed as "Exception ignored" and the run went on through all its trials (issue 23). Nothing is
+    lost by exiting: a study whose creation stopped midway is completed by the next run."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)
+
+        def handle(signum: int, _frame: Any) -> None:
+            os.write(2, b"\ninterrupted: what is stored is kept; run the same command again to resume\n")
+            os._exit(130)
+
+        previous = signal.signal(signal.SIGINT, handle)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @app.command()
+@_interrupt_exits
 @_user_errors
 def run(
     study_file: Annotated[Path, typer.Argument(help="The study file (studies/*.yaml).")],
@@ -198,6 +226,10 @@ def run(
         "lock_idle_timeout": lock_idle_timeout,
     }
     WorkerOptions(**fault_opts)  # type: ignore[arg-type]
+    if grace is not None:
+        from hpo.worker.study import check_grace
+
+        check_grace(grace, heartbeat)
     create(spec, url, grace=grace if grace is not None else 2 * heartbeat)
     before = _finished_ids(spec.name, url)  # this run's outcome: the trials that finish from now on
     budget = n_trials if n_trials is not None else spec.budget.n_trials
@@ -573,11 +605,19 @@ def grace_period(
     study: Annotated[str, typer.Argument(help="Study name or file.")],
     seconds: Annotated[float, typer.Argument(help="Seconds without a heartbeat before a running trial is reaped.")],
     storage: StorageOpt = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            min=1, max=86400, help="The running workers' --heartbeat: the grace period must be at least twice it."
+        ),
+    ] = 10,
 ) -> None:
     """Set a study's grace period, which every worker and hpo reap use (workers read it at their next reap)."""
     from hpo.storage import open_storage
     from hpo.worker import load, set_grace
+    from hpo.worker.study import check_grace
 
+    check_grace(seconds, heartbeat)  # running workers keep their heartbeat: a shorter grace reaps their live trials
     _, url, name = _spec_and_url(study, storage)
     s, _ = load(name, open_storage(url))
     set_grace(s, seconds)

@@ -81,4 +81,11 @@ def design_trials(design: DesignSpec, space: dict[str, Any]) -> list[tuple[dict[
     return out
 
 
-__all__ = ["SAMPLE", "SWEEP", "design_trials", "sample_points", "sweep_points"]
+def design_identity(params: dict[str, Any], attrs: dict[str, Any]) -> str:
+    """Which trial of a design a trial is, from its parameters and user attributes: the point, and the seed round of
+    a sweep point. A study whose creation stopped midway is completed by queueing the identities it lacks."""
+    where = attrs.get("design"), attrs.get("repeat")
+    return f"{where!r}:{point_key(params)}"
+
+
+__all__ = ["SAMPLE", "SWEEP", "design_identity", "design_trials", "sample_points", "sweep_points"]

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -128,14 +129,19 @@ def studies(storage_url: str) -> list[dict[str, Any]]:
                 "best_trial": best_trial,
                 "created": _iso(first.get(sid)),
                 "updated": _iso(last.get(sid)),
-                "metric": fs.user_attrs.get("metric"),
-                "sampler": fs.user_attrs.get("sampler"),
-                "pruner": fs.user_attrs.get("pruner"),
-                "budget": fs.user_attrs.get("budget"),
+                "metric": cell(fs.user_attrs.get("metric")),
+                **{k: _small(fs.user_attrs.get(k)) for k in ("sampler", "pruner", "budget")},
                 "checkpoint_mb": round(ckpt_bytes[sid] / 2**20, 3) if sid in ckpt_bytes else None,
             }
         )
     return result
+
+
+def _small(value: Any) -> Any:
+    """A stored mapping (sampler, pruner, budget) as it is when it is small, else as bounded text (:func:`cell`)."""
+    if isinstance(value, dict) and len(json.dumps(value, default=str)) <= 10 * MAX_CELL:
+        return value
+    return cell(value)
 
 
 def _checkpoint_bytes(conn: sa.Connection) -> dict[int, int]:
@@ -153,12 +159,30 @@ def _checkpoint_bytes(conn: sa.Connection) -> dict[int, int]:
         .select_from(s.join(t, s.c.trial_id == t.c.trial_id))
         .where(s.c.key == "retry_history")
     )
-    taken_over = {(sid, int(n)) for sid, value in conn.execute(history_stmt) for n in json.loads(value)}
+    taken_over = {(sid, n) for sid, value in conn.execute(history_stmt) for n in _json_list(value)}
     sizes: dict[int, int] = {}
     for study_id, number, value in conn.execute(sizes_stmt):
-        held = 0 if (study_id, number) in taken_over else int(json.loads(value) or 0)
+        held = 0 if (study_id, number) in taken_over else _json_count(value)
         sizes[study_id] = sizes.get(study_id, 0) + held
     return sizes
+
+
+def _json_list(text: str) -> list[int]:
+    """The whole numbers of a stored JSON list; nothing for anything else (a user objective writes any JSON)."""
+    with contextlib.suppress(ValueError, TypeError):
+        value = json.loads(text)
+        if isinstance(value, list):
+            return [n for n in value if isinstance(n, int) and not isinstance(n, bool)]
+    return []
+
+
+def _json_count(text: str) -> int:
+    """A stored byte count; 0 for anything that is not a finite number >= 0."""
+    with contextlib.suppress(ValueError, TypeError, OverflowError):
+        value = json.loads(text)
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**63:
+            return int(value)
+    return 0
 
 
 def metric_names(storage: optuna.storages.BaseStorage, study_id: int) -> list[str]:
@@ -198,8 +222,21 @@ def _row(t: FrozenTrial, metrics: Sequence[str] = ("value",)) -> dict[str, Any]:
         }
     )
     for k in TRIAL_ATTRS:
-        row[k] = t.user_attrs.get(k)
+        row[k] = cell(t.user_attrs.get(k))
     return row
+
+
+#: Longest attribute text a listing shows: a user objective may store any JSON in a trial's attributes.
+MAX_CELL = 200
+
+
+def cell(value: Any, limit: int = MAX_CELL) -> Any:
+    """A stored attribute as a listing shows it: numbers, booleans and None as they are; text, lists and mappings as
+    text of at most ``limit`` characters (cut with ``...``); never an error, whatever the JSON."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, default=str, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def trial_record(t: FrozenTrial, metrics: Sequence[str] = ()) -> dict[str, Any]:

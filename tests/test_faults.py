@@ -283,7 +283,7 @@ def test_reap_by_workers_with_other_heartbeat_settings(postgres_url: str, study_
 def test_worker_whose_live_trial_is_reaped_carries_on(
     reports: bool, postgres_url: str, study_name: str, tmp_path: Path
 ) -> None:
-    """A live trial reaped anyway (the study's grace period cut to 1 s under it): the worker does not crash. If it
+    """A live trial reaped anyway (the study's grace period cut to 2 s under it): the worker does not crash. If it
     reports again it finds the trial finished, says so and drops it (its copy runs next); if its objective returns
     first, its result is stored on the re-queued copy."""
     # one heartbeat in the trial's 16 s (at its start), so the reap below finds it stale however slow the machine
@@ -291,8 +291,8 @@ def test_worker_whose_live_trial_is_reaped_carries_on(
     assert hpo_cli("create", str(study), "--storage", postgres_url, "--grace", "60", env=ENV).returncode == 0
     proc = worker(study_name, postgres_url, flags=["--heartbeat", "30", "--threads", "1"])
     wait_for(lambda: started(tmp_path), "a trial to start")
-    assert hpo_cli("grace", study_name, "1", "--storage", postgres_url, env=ENV).returncode == 0
-    time.sleep(1.5)
+    assert hpo_cli("grace", study_name, "2", "--heartbeat", "1", "--storage", postgres_url, env=ENV).returncode == 0
+    time.sleep(2.5)
     reaped = hpo_cli("reap", study_name, "--storage", postgres_url, env=ENV)
     assert reaped.stdout.startswith("reaped 1 stale trial(s)"), reaped.stdout + reaped.stderr
     assert hpo_cli("grace", study_name, "30", "--storage", postgres_url, env=ENV).returncode == 0
@@ -317,7 +317,7 @@ def test_grace_is_stored_with_the_study_and_checked(sqlite_url: str, study_name:
     assert stored["hpo:grace"] == 7.0
     bad = hpo_cli("grace", study_name, "0", "--storage", sqlite_url, env=ENV)
     assert bad.returncode == 2 and bad.stderr.startswith("error: grace period"), bad.stderr
-    assert hpo_cli("grace", study_name, "12.5", "--storage", sqlite_url, env=ENV).returncode == 0
+    assert hpo_cli("grace", study_name, "12.5", "--heartbeat", "5", "--storage", sqlite_url, env=ENV).returncode == 0
     assert optuna.load_study(study_name=study_name, storage=sqlite_url).user_attrs["hpo:grace"] == 12.5
 
 
@@ -557,7 +557,7 @@ def test_postgres_restart_fails_no_in_flight_population_member(
 def test_population_worker_whose_members_are_reaped_carries_on(
     postgres_url: str, study_name: str, tmp_path: Path
 ) -> None:
-    """A population worker SIGSTOPped while ``hpo reap`` (the study's grace period cut to 1 s) fails and re-queues
+    """A population worker SIGSTOPped while ``hpo reap`` (the study's grace period cut to 2 s) fails and re-queues
     its 4 members: once continued it does not crash; each member's result goes to its re-queued copy or, where the
     copy is taken, is dropped, with one log line each; the budget is exact and nothing stays RUNNING."""
     study = population_study(tmp_path, study_name, n_trials=4, epochs=60)
@@ -566,8 +566,8 @@ def test_population_worker_whose_members_are_reaped_carries_on(
     try:
         flying = wait_for(lambda: running(postgres_url, study_name, 4), "4 running members", watch=[proc])
         proc.send_signal(signal.SIGSTOP)
-        assert hpo_cli("grace", study_name, "1", "--storage", postgres_url, env=ENV).returncode == 0
-        time.sleep(1.5)
+        assert hpo_cli("grace", study_name, "2", "--heartbeat", "1", "--storage", postgres_url, env=ENV).returncode == 0
+        time.sleep(2.5)
         reaped = hpo_cli("reap", study_name, "--storage", postgres_url, env=ENV)
         assert reaped.stdout.startswith("reaped 4 stale trial(s)"), reaped.stdout + reaped.stderr
         assert hpo_cli("grace", study_name, "30", "--storage", postgres_url, env=ENV).returncode == 0

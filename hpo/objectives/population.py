@@ -45,6 +45,7 @@ import torch
 
 from hpo import data as data_sources
 from hpo.errors import HpoError
+from hpo.limits import MAX_POPULATION
 from hpo.models import ACTIVATION_FNS, cnn
 from hpo.objectives.training import METRICS, EpochResult, Loss, TrainConfig, resolve_config
 from hpo.objectives.vectorised import (
@@ -127,6 +128,8 @@ def population_size(spec: StudySpec, requested: int | str | None = None) -> int:
         raise HpoError(f"population size: must be a whole number >= 1 or auto (got {value!r})") from None
     if size < 1:
         raise HpoError(f"population size: must be >= 1 (got {size})")
+    if size > MAX_POPULATION:
+        raise HpoError(f"population size: at most {MAX_POPULATION} trials trained at once (got {size})")
     if size > 1:
         if multi:
             raise HpoError("population mode trains single-objective studies only; this study has several metrics")
