@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -465,3 +465,165 @@ def curves(storage_url: str, study: str | optuna.Study) -> pd.DataFrame:
         for step, value in sorted(t.intermediate_values.items())
     ]
     return pd.DataFrame(rows, columns=["number", "state", "step", "value"])
+
+
+#: trials per chunk of a streamed export (:func:`iter_trials`): a few MB held at a time, whatever the study's size.
+CHUNK = 5_000
+
+
+def _decoder() -> Any:
+    """``(distribution_json, internal value) -> external value``, each distribution parsed once."""
+    parsed: dict[str, optuna.distributions.BaseDistribution] = {}
+
+    def external(dist_json: str, value: float) -> Any:
+        dist = parsed.get(dist_json)
+        if dist is None:
+            dist = parsed[dist_json] = optuna.distributions.json_to_distribution(dist_json)
+        return dist.to_external_repr(value)
+
+    return external
+
+
+def _attr(value_json: str) -> Any:
+    try:
+        return json.loads(value_json)
+    except (TypeError, ValueError):
+        return value_json  # shown as the text stored, not a traceback
+
+
+def iter_trials(
+    storage_url: str,
+    study: str,
+    states: Iterable[str | TrialState] | None = None,
+    limit: int | None = None,
+    user_attrs: Sequence[str] | None = None,
+    chunk: int = CHUNK,
+) -> tuple[list[str], list[str], Iterator[dict[str, Any]]]:
+    """Stream a study's trials by SQL, ordered by number, ``chunk`` at a time (keyset pagination on the number):
+    no ``FrozenTrial`` is built and memory stays bounded however many trials there are.
+
+    Args:
+        user_attrs: read only these user attributes (``None``: every one).
+
+    Returns:
+        (the study's parameter names, its metric names, an iterator of raw trials): each a dict with ``number``,
+        ``state`` (name), ``values`` (list or None), ``params`` (name -> value, as Optuna gives them),
+        ``datetime_start``, ``datetime_complete`` (datetimes or None), ``user_attrs``.
+
+    Raises:
+        StudyError: no such study. HpoError: a negative limit or unknown state.
+    """
+    if limit is not None and limit < 0:
+        raise HpoError(f"limit must be >= 0 (got {limit})")
+    wanted = parse_states(states)
+    storage = _storage(storage_url)
+    sid = _study_id(storage, study, storage_url)
+    names, metrics = param_names(storage, sid), metric_names(storage, sid)
+    return names, metrics, _chunks(storage.engine, sid, wanted, limit, user_attrs, chunk)
+
+
+def _chunks(
+    engine: sa.Engine,
+    sid: int,
+    wanted: tuple[TrialState, ...] | None,
+    limit: int | None,
+    user_attrs: Sequence[str] | None,
+    chunk: int,
+) -> Iterator[dict[str, Any]]:
+    """Keyset pagination on ``trial_id`` (the primary key: Optuna numbers a study's trials in trial_id order, and
+    ``trials`` has no index on (study_id, number)); each chunk's params, values and attributes by the range of its ids (an index range scan; rows of other studies
+    or states in the range are read and dropped)."""
+    t, p = models.TrialModel.__table__, models.TrialParamModel.__table__
+    v, u = models.TrialValueModel.__table__, models.TrialUserAttributeModel.__table__
+    external = _decoder()
+    to_value = models.TrialValueModel.stored_repr_to_value
+    left = limit
+    last = -1
+    while left is None or left > 0:
+        size = chunk if left is None else min(chunk, left)
+        head = sa.select(t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete).where(
+            t.c.study_id == sid, t.c.trial_id > last
+        )
+        if wanted is not None:
+            head = head.where(t.c.state.in_(list(wanted)))
+        with engine.connect() as conn:
+            rows = conn.execute(head.order_by(t.c.trial_id).limit(size)).all()
+            if not rows:
+                return
+            ids = [r[0] for r in rows]
+            params: dict[int, dict[str, Any]] = {}
+            for tid, name, value, dist in conn.execute(
+                sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
+                .where(p.c.trial_id.between(ids[0], ids[-1]))
+                .order_by(p.c.param_id)
+            ).all():
+                params.setdefault(tid, {})[name] = external(dist, value)
+            values: dict[int, dict[int, float]] = {}
+            for tid, objective, value, kind in conn.execute(
+                sa.select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type).where(
+                    v.c.trial_id.between(ids[0], ids[-1])
+                )
+            ).all():
+                values.setdefault(tid, {})[objective] = to_value(value, kind)
+            attrs_stmt = sa.select(u.c.trial_id, u.c.key, u.c.value_json).where(u.c.trial_id.between(ids[0], ids[-1]))
+            if user_attrs is not None:
+                attrs_stmt = attrs_stmt.where(u.c.key.in_(list(user_attrs)))
+            attrs: dict[int, dict[str, Any]] = {}
+            for tid, key, value_json in conn.execute(attrs_stmt.order_by(u.c.trial_user_attribute_id)).all():
+                attrs.setdefault(tid, {})[key] = _attr(value_json)
+        for tid, number, state, start, done in sorted(rows, key=lambda r: r[1]):
+            vals = values.get(tid)
+            yield {
+                "number": number,
+                "state": state.name if isinstance(state, TrialState) else str(state),
+                "values": [vals[k] for k in sorted(vals)] if vals else None,
+                "params": params.get(tid, {}),
+                "datetime_start": start,
+                "datetime_complete": done,
+                "user_attrs": attrs.get(tid, {}),
+            }
+        last = ids[-1]
+        if left is not None:
+            left -= len(rows)
+        if len(rows) < size:
+            return
+
+
+def flat_row(raw: dict[str, Any], names: Sequence[str], metrics: Sequence[str]) -> dict[str, Any]:
+    """A streamed trial (:func:`iter_trials`) as a row of :func:`trials`' columns (``hpo trials -f csv``)."""
+    vals = raw["values"]
+    row: dict[str, Any] = {"number": raw["number"], "state": raw["state"]}
+    if len(metrics) > 1:
+        row.update((m, vals[i] if vals is not None and i < len(vals) else None) for i, m in enumerate(metrics))
+    else:
+        row["value"] = vals[0] if vals is not None and len(vals) == 1 else vals
+    params = raw["params"]
+    for n in names:
+        row[f"params_{n}"] = params.get(n)
+    start, done = raw["datetime_start"], raw["datetime_complete"]
+    row["datetime_start"], row["datetime_complete"] = start, done
+    row["duration"] = (done - start).total_seconds() if start is not None and done is not None else None
+    attrs = raw["user_attrs"]
+    for k in TRIAL_ATTRS:
+        row[k] = attrs.get(k)
+    return row
+
+
+def raw_record(raw: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
+    """A streamed trial (:func:`iter_trials`) in :func:`trial_record`'s schema (``hpo trials -f json``)."""
+    vals = raw["values"]
+    named = {}
+    if len(metrics) > 1:
+        named = {"values": {m: (vals[i] if vals is not None else None) for i, m in enumerate(metrics)}}
+    start, done = raw["datetime_start"], raw["datetime_complete"]
+    return {
+        "number": raw["number"],
+        "state": raw["state"],
+        "value": vals[0] if vals is not None and len(vals) == 1 else (vals and list(vals)),
+        **named,
+        "params": raw["params"],
+        "datetime_start": start.isoformat() if start else None,
+        "datetime_complete": done.isoformat() if done else None,
+        "duration": (done - start).total_seconds() if start is not None and done is not None else None,
+        "user_attrs": raw["user_attrs"],
+    }
