@@ -824,7 +824,7 @@ def importance(
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
-    imps = query.importances(url, name)  # several objectives: the first metric's
+    imps, sample = query.importances_of_sample(url, name)  # several objectives: the first metric's
     rows = [{"param": k, "importance": v} for k, v in list(imps.items())[:limit]]
     if not rows and fmt == OutputFormat.table:
         out.print(f"study {lit(name)}: fewer than 2 completed trials, no importances yet", highlight=False)
@@ -832,6 +832,12 @@ def importance(
     metrics = query.study_metrics(url, name)
     of = f" for {metrics[0]}, the first of its metrics" if len(metrics) > 1 else ""
     _emit(rows, fmt, f"parameter importances of {name}{of}", ["param", "importance"])
+    if sample is not None:  # a big study: say which trials (stderr for csv/json, whose stdout is data)
+        note = sample.describe("importances") + "."
+        if fmt == OutputFormat.table:
+            out.print(text(note, style="dim"), highlight=False)
+        else:
+            print(note, file=sys.stderr)
 
 
 @app.command()
