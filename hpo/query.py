@@ -372,7 +372,7 @@ def best(storage_url: str, study: str, n: int | None = None) -> list[dict[str, A
     objectives: its Pareto front (Optuna's ``study.best_trials``, every trial of it unless ``n``), sorted by the
     first metric, best first.
 
-    ``n == 1`` is Optuna's own best-trial query; for more, only (trial id, value) pairs are read to rank them.
+    ``n == 1`` is Optuna's own best-trial query; for more, SQL ranks them (``ORDER BY ... LIMIT n``).
 
     Returns:
         :func:`trial_record` dicts (``number``, ``state``, ``value``, ``params``, ``datetime_start``,
@@ -392,23 +392,7 @@ def best(storage_url: str, study: str, n: int | None = None) -> list[dict[str, A
         except ValueError:
             chosen = []
     else:
-        t, v = models.TrialModel.__table__, models.TrialValueModel.__table__
-        stmt = (
-            sa.select(t.c.trial_id, t.c.number, v.c.value, v.c.value_type)
-            .join(v, v.c.trial_id == t.c.trial_id)
-            .where(t.c.study_id == sid, t.c.state == TrialState.COMPLETE, v.c.objective == 0)
-        )
-        with storage.engine.connect() as conn:
-            rows = conn.execute(stmt).all()
-        vt = models.TrialValueModel.TrialValueType
-
-        def value(r: Any) -> float:
-            kind = r.value_type if isinstance(r.value_type, vt) else vt[str(r.value_type)]
-            return models.TrialValueModel.stored_repr_to_value(r.value, kind)
-
-        sign = -1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-        ranked = sorted(rows, key=lambda r: (sign * value(r), r.number))[:n]
-        chosen = [storage.get_trial(r.trial_id) for r in ranked]
+        chosen = [storage.get_trial(tid) for tid in _best_ids(storage.engine, sid, direction, n)]
     return [trial_record(t) for t in chosen]
 
 
@@ -745,3 +729,21 @@ def importances_of_sample(storage_url: str, study: str, seed: int = 0) -> tuple[
     """:func:`importances` and the sample they were fitted on (None: every trial), for ``hpo importance``."""
     s = sampled_study(storage_url, study, seed=seed)
     return importances(storage_url, s, seed=seed), getattr(s, "sample", None)
+
+
+def _best_ids(engine: sa.Engine, sid: int, direction: optuna.study.StudyDirection, n: int) -> list[int]:
+    """The ids of the ``n`` best COMPLETE trials, ranked by SQL (infinities by their stored type), ties by number."""
+    t, v = models.TrialModel.__table__, models.TrialValueModel.__table__
+    kind = models.TrialValueModel.TrialValueType
+    maximize = direction == optuna.study.StudyDirection.MAXIMIZE
+    first, last = (kind.INF_POS, kind.INF_NEG) if maximize else (kind.INF_NEG, kind.INF_POS)
+    rank = sa.case((v.c.value_type == first, 0), (v.c.value_type == last, 2), else_=1)
+    stmt = (
+        sa.select(t.c.trial_id)
+        .join(v, v.c.trial_id == t.c.trial_id)
+        .where(t.c.study_id == sid, t.c.state == TrialState.COMPLETE, v.c.objective == 0)
+        .order_by(rank, v.c.value.desc() if maximize else v.c.value.asc(), t.c.number)
+        .limit(n)
+    )
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(stmt)]

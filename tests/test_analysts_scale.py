@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import optuna
 import pytest
@@ -140,3 +141,40 @@ def test_limits_and_first_row(big: tuple[str, str]) -> None:
     rest = proc.stdout.read()
     assert proc.wait(timeout=ceiling(120)) == 0
     assert rest.count("\n") == N - 1
+
+
+def test_best_n_ranked_by_sql(big: tuple[str, str]) -> None:
+    url, name = big
+    result = hpo_cli("best", name, "--storage", url, "-n", "5", "-f", "json")
+    assert result.returncode == 0, result.stderr
+    complete = optuna.load_study(study_name=name, storage=url).get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    ranked = sorted(complete, key=lambda t: (-t.value, t.number))  # maximize
+    assert [r["number"] for r in json.loads(result.stdout)] == [t.number for t in ranked[:5]]
+
+
+def test_importance_and_report_state_their_sample(big: tuple[str, str], tmp_path: Path) -> None:
+    """Over 2,000 trials: a sample of 2,000, said so (stderr for -f json, whose stdout stays data); the report's
+    counts are the study's (SQL), its figures the sample's."""
+    url, name = big
+    imp = hpo_cli("importance", name, "--storage", url, "-f", "json", timeout=120)
+    assert imp.returncode == 0, imp.stderr
+    assert {r["param"] for r in json.loads(imp.stdout)} == {"lr", "optimizer"}  # layers: not in every trial
+    said = "from 2,000 of 20,000 trials: the best 200 complete trials and 1,800 drawn uniformly at random"
+    assert said in imp.stderr and "seed 0" in imp.stderr
+    rep = hpo_cli("report", name, "--storage", url, "-o", str(tmp_path / "r.html"), timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "id='sample'" in page and said in page
+    study = optuna.load_study(study_name=name, storage=url)
+    complete = len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE]))
+    assert f"{N} trials: " in page and f"{complete} complete" in page
+    assert len(page) < 10 * 2**20
+    assert query.sampled_study(url, name).get_trials() == query.sampled_study(url, name).get_trials()  # seeded
+
+
+def test_small_study_is_read_whole(sqlite_url: str, study_name: str) -> None:
+    _bench().build_study(sqlite_url, study_name, 300, mixed=True)  # type: ignore[attr-defined]
+    s = query.sampled_study(sqlite_url, study_name)
+    assert not hasattr(s, "sample") and len(s.trials) == 300
+    imp = hpo_cli("importance", study_name, "--storage", sqlite_url)
+    assert imp.returncode == 0 and "drawn" not in imp.stdout + imp.stderr
