@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -125,36 +126,47 @@ def _scratch(url: str) -> tuple[str, sa.Engine | None, str]:
     return u.set(database=db).render_as_string(hide_password=False), admin, db
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None, stdout: int | None = None) -> tuple[float, float, int]:
-    """Run ``cmd``: (seconds, its peak RSS in MB, bytes written on stdout); raises on a non-zero exit."""
+def timed(cmd: list[str], env: dict[str, str] | None = None, limit: float = 600) -> tuple[float, float, int, bool]:
+    """Run ``cmd``: (seconds, its peak RSS in MB, bytes written on stdout, finished within ``limit`` seconds)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    killer = threading.Timer(limit, proc.kill)
+    killer.start()
     out_bytes = 0
     assert proc.stdout is not None
     while chunk := proc.stdout.read(1 << 16):
         out_bytes += len(chunk)
-    err = proc.stderr.read() if proc.stderr else b""
     _, status, usage = os.wait4(proc.pid, 0)
+    killer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:4]}... exited {proc.returncode}: {err.decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024, out_bytes
+    if proc.returncode not in (0, -9):
+        raise RuntimeError(f"{cmd[:4]}... exited {proc.returncode}")
+    return seconds, usage.ru_maxrss / 1024, out_bytes, proc.returncode == 0
 
 
 OPTUNA_SNIPPETS = {
+    "best": "s.best_trial",
+    "trials_head": "s.trials_dataframe().head(20)",
+    "csv": "s.trials_dataframe().to_csv(sys.stdout)",
+    "importance": "optuna.importance.get_param_importances(s)",
+    "studies": "optuna.get_all_study_summaries(url)",
+    "report": "optuna.visualization.plot_optimization_history(s).write_html(...)",
+}
+OPTUNA_CODE = {
     "best": "print(s.best_trial.number)",
     "trials_head": "print(s.trials_dataframe().head(20).shape)",
     "csv": "import sys; s.trials_dataframe().to_csv(sys.stdout)",
     "importance": "print(optuna.importance.get_param_importances(s))",
     "studies": "print(len(optuna.get_all_study_summaries(storage=url)))",
+    "report": "import tempfile; optuna.visualization.plot_optimization_history(s).write_html(tempfile.mktemp())",
 }
 
 
 def _optuna(url: str, name: str, what: str) -> list[str]:
     code = (
         "import optuna; optuna.logging.set_verbosity(optuna.logging.WARNING); "
-        f"url={url!r}; s=optuna.load_study(study_name={name!r}, storage=url); " + OPTUNA_SNIPPETS[what]
+        f"url={url!r}; s=optuna.load_study(study_name={name!r}, storage=url); " + OPTUNA_CODE[what]
     )
     return [sys.executable, "-c", code]
 
@@ -177,27 +189,26 @@ def main(url: str, n: int) -> None:
             ("hpo trials -f csv", hpo + ["trials", name, "-f", "csv"], "csv"),
             ("hpo trials -f json", hpo + ["trials", name, "-f", "json"], None),
             ("hpo importance", hpo + ["importance", name], "importance"),
-            ("hpo report", hpo + ["report", name, "-o", str(folder / "r.html")], None),
+            ("hpo report", hpo + ["report", name, "-o", str(folder / "r.html")], "report"),
         ]
         skip_optuna = os.environ.get("ANALYSTS_SKIP_OPTUNA", "").split(",")
         print(f"{n} trials, {make_url(url).get_backend_name()}", flush=True)
-        print("| command | hpo s | hpo MB | Optuna's own | Optuna s | Optuna MB | ratio |")
+        print("| command | hpo s | hpo peak MB | Optuna's own | Optuna s | Optuna peak MB | ratio |")
         print("|---|---|---|---|---|---|---|")
+        limit = float(os.environ.get("ANALYSTS_LIMIT_S", "300"))
         for label, cmd, theirs in rows:
-            s, mb, size = timed(cmd, env)
+            s, mb, size, _ = timed(cmd, env, limit)
             extra = f" ({size / 2**20:.1f} MB out)" if "-f" in cmd else ""
             if theirs and theirs not in skip_optuna:
-                try:
-                    os_, omb, _ = timed(_optuna(scratch, name, theirs))
-                    other = f"| {theirs} | {os_:.1f} | {omb:.0f} | {os_ / s:.1f}x |"
-                except RuntimeError as e:
-                    other = f"| {theirs} | failed: {str(e)[-60:]!r} | | |"
+                os_, omb, _, done = timed(_optuna(scratch, name, theirs), limit=limit)
+                took = f"{os_:.1f}" if done else f"killed at {limit:.0f}"
+                ratio = f"{os_ / s:.1f}x" if done else f"> {limit / s:.0f}x"
+                other = f"| `{OPTUNA_SNIPPETS[theirs]}` | {took} | {omb:.0f} | {ratio} |"
             else:
                 other = "| - | | | |"
             print(f"| `{label}`{extra} | {s:.2f} | {mb:.0f} {other}", flush=True)
     finally:
         if admin is not None:
-            optuna.storages.RDBStorage  # noqa: B018 (engines of the study are garbage collected)
             with admin.connect() as conn:
                 conn.execute(sa.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             admin.dispose()
