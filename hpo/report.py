@@ -806,7 +806,8 @@ def _figures(ctx: _Study) -> dict[str, go.Figure]:
         figs["importances"] = _importances_per_metric({m: v for m, v in per_metric.items() if v})
     elif len(imps) > 1:  # one hyperparameter explains everything by definition
         figs["importances"] = _importances(imps)
-    if ctx.complete and getattr(ctx.spec, "design", None) is None:
+    sampled = getattr(ctx.study, "sample", None) is not None  # a sample's best-so-far would be a fiction
+    if ctx.complete and getattr(ctx.spec, "design", None) is None and not sampled:
         first = (lambda t: t.values[0]) if ctx.multi else None
         figs["history"] = optuna.visualization.plot_optimization_history(
             ctx.study, target=first, target_name=ctx.metric
@@ -1097,6 +1098,9 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
     ctx = _Study(study, spec)
     trials = ctx.trials
     counts = pd.Series([t.state.name for t in trials]).value_counts().to_dict() if trials else {}
+    sample = getattr(study, "sample", None)  # query.SampledStudy: counts from SQL, the figures from the sample
+    if sample is not None:
+        counts = {s: n for s, n in sample.counts.items() if n}
     count_txt = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     title = html.escape(visible(study.study_name))  # control characters shown, as everywhere (hpo.render)
@@ -1108,7 +1112,13 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         + (f"<p>{html.escape(visible(desc))}</p>" if desc else "")
         + f"<p class='meta'>direction {', '.join(d.name.lower() for d in study.directions)}, metric "
         f"{html.escape(visible(', '.join(ctx.metrics) if ctx.multi else ctx.metric))};"
-        f" {len(trials)} trials: {html.escape(count_txt)}. Generated {now}.</p>"
+        f" {sum(counts.values())} trials: {html.escape(count_txt)}. Generated {now}.</p>"
+        + (
+            f"<p class='meta' id='sample'>{html.escape(sample.describe()[:1].upper() + sample.describe()[1:])}; no optimisation history "
+            "(a sample has no order). <code>hpo trials -f csv</code> exports every trial.</p>"
+            if sample
+            else ""
+        )
     )
     if not ctx.complete:
         why = "No trial has finished yet" if not trials else "No trial completed"
@@ -1222,7 +1232,7 @@ def write_report(
         HpoError: the file cannot be written.
     """
     path = output_path(study_name, output)
-    study = query.load_study(storage_url, study_name)
+    study = query.sampled_study(storage_url, study_name)  # over query.SAMPLE_SIZE trials: a sample, stated
     page = build_report(study, spec)
     try:
         path.write_text(page, encoding="utf-8")
