@@ -667,7 +667,7 @@ def flat_row(raw: dict[str, Any], names: Sequence[str], metrics: Sequence[str]) 
     row["duration"] = (done - start).total_seconds() if start is not None and done is not None else None
     attrs = raw["user_attrs"]
     for k in TRIAL_ATTRS:
-        row[k] = attrs.get(k)
+        row[k] = cell(attrs.get(k))  # any JSON a user objective stored: bounded text, as trials() shows it
     return row
 
 

@@ -197,7 +197,9 @@ def native(
     server (``database``: its ``host:port/name``), the Secret's mount at a folder here and the role names made
     unique."""
     container = pod_spec(doc)["containers"][0]
-    [mount] = container["volumeMounts"]
+    # each volume at a folder here: the Secret's at ``secrets``, any other (the checkpoints') beside it
+    mounts = {m["mountPath"]: secrets if m["name"] == "passwords" else secrets.parent / m["name"]
+              for m in container.get("volumeMounts", [])}  # fmt: skip
     env: dict[str, str] = {}
     for e in container["env"]:
         if "value" in e:
@@ -205,7 +207,9 @@ def native(
         else:
             assert "job-completion-index" in e["valueFrom"]["fieldRef"]["fieldPath"]
             value = str(index)
-        value = value.replace(mount["mountPath"], str(secrets)).replace("@hpo-db:5432/hpo", f"@{database}")
+        for path, here in mounts.items():
+            value = value.replace(path, str(here))
+        value = value.replace("@hpo-db:5432/hpo", f"@{database}")
         for role, unique in roles.items():
             value = value.replace(f"://{role}@", f"://{unique}@")
         env[e["name"]] = value

@@ -68,7 +68,7 @@ ALIAS_BOMB = "\n".join(
 
 #: What a measured child prints: the first line of the error, seconds spent in load_spec, its peak RSS (KiB).
 MEASURE = """
-import resource, sys, time
+import sys, time
 from hpo.errors import SpecError
 from hpo.spec import load_spec
 start = time.monotonic()
@@ -78,7 +78,8 @@ try:
 except SpecError as exc:
     print(str(exc).splitlines()[0])
 print(time.monotonic() - start)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this image's own peak (ru_maxrss carries the forking parent's peak across exec: a pytest worker's)
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 

@@ -120,8 +120,9 @@ def test_run_resumes_towards_the_budget(tmp_path: Path) -> None:
 
 
 def test_a_resumed_seeded_sampler_draws_new_points(tmp_path: Path) -> None:
-    """TPE seed 0, --n-trials 3 then a resumed run: trials 3-5 repeated trials 0-2 exactly (the sampler started over). The
-    stream now goes on from the study's size: no point drawn twice, and the same two runs again draw the same."""
+    """TPE seed 0, --n-trials 3 then a resumed run: trials 3-5 repeated trials 0-2 exactly (the sampler started
+    over). The stream now goes on from the study's size: three resumes and then two workers draw no point twice, and
+    the same sequential runs again draw the same points."""
     runs = []
     for attempt in ("a", "b"):
         url = f"sqlite:///{tmp_path / f'{attempt}.db'}"
@@ -130,13 +131,18 @@ def test_a_resumed_seeded_sampler_draws_new_points(tmp_path: Path) -> None:
             "resume-draws",
             objective={"kind": "tests.fast_objectives:quadratic", "steps": 1},
             space={"lr": {"type": "float", "low": 0.001, "high": 1.0, "log": True}},
-            budget={"n_trials": 6},
+            budget={"n_trials": 12},
         )
-        for extra in (["--n-trials", "3"], []):  # 3 trials, then on to the file's budget of 6
-            res = hpo_cli("run", str(path), "--storage", url, *extra)
+        for total in ("3", "6", "9"):  # a run, then three resumes
+            res = hpo_cli("run", str(path), "--storage", url, "--n-trials", total)
             assert res.returncode == 0, res.stderr
         runs.append([t.params["lr"] for t in _study(url, "resume-draws").trials])
-    assert len(runs[0]) == 6 and len(set(runs[0])) == 6, runs[0]
+        if attempt == "a":
+            res = hpo_cli("run", str(path), "--storage", url, "--workers", "2")  # on to 12, two workers
+            assert res.returncode == 0, res.stderr
+            every = [t.params["lr"] for t in _study(url, "resume-draws").trials]
+            assert len(every) == 12 and len(set(every)) == 12, every
+    assert len(runs[0]) == 9 and len(set(runs[0])) == 9, runs[0]
     assert runs[0] == runs[1]  # seeded: the same history gives the same draws
 
 
