@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from hpo.checkpoint_folder import DIR_ENV, check_folder
 from hpo.errors import HpoError, SpecError
 from hpo.spec import IdxData, StudySpec
 
@@ -42,16 +43,10 @@ def preflight(spec: StudySpec, source: str) -> None:
         _check_writable(Path(os.environ.get(DIR_ENV) or checkpoint.path).expanduser(), source)
 
 
-#: Where a filesystem checkpoint folder comes from when set (as :mod:`hpo.objectives.checkpoints` reads it).
-DIR_ENV = "HPO_CHECKPOINT_DIR"
-
-
 def _check_writable(folder: Path, source: str) -> None:
     """Create ``folder`` (0700) if missing, check it is this user's alone, write and remove a probe file in it; else
     one line naming the fix."""
     where = f"{DIR_ENV}" if os.environ.get(DIR_ENV) else "objective.checkpoint.path"
-    from hpo.objectives.checkpoints import check_folder
-
     try:
         check_folder(folder)  # created 0700; refused unless this user's and writable by nobody else
         fd, probe = tempfile.mkstemp(prefix=".hpo-probe-", dir=folder)

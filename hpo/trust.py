@@ -20,13 +20,13 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from hpo.checkpoint_folder import DIR_ENV
 from hpo.errors import HpoError
 from hpo.spec import CustomObjective, IdxData, StudySpec
 
 ALLOW_ENV = "HPO_ALLOW_OBJECTIVES"
 DATA_ENV = "HPO_ALLOW_DATA"
 BUCKET_ENV = "HPO_CHECKPOINT_BUCKET"
-DIR_ENV = "HPO_CHECKPOINT_DIR"  # read by hpo.objectives.checkpoints.open_store (not imported here: it imports torch)
 
 _ENTRY = re.compile(r"^[A-Za-z_][\w.]*:([A-Za-z_]\w*|\*)$")
 

@@ -175,22 +175,29 @@ def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
         storage.engine.dispose()
 
 
-def test_job_array_meets_the_budget_and_a_cancelled_task_trial_is_finished_by_another(
-    cluster: Cluster, postgres_url: str, study_name: str, tmp_path: Path
-) -> None:
+def _create_sleepy_study(tmp_path: Path, url: str, name: str, budget: int) -> tuple[Path, dict[str, str]]:
+    """A study of 3-second trials created in ``url``: the folder its trials mark their start in, and the environment
+    that finds the test objectives."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    budget = 12
     study = write_study(
         tmp_path / "study.yaml",
-        study_name,
+        name,
         objective={"kind": "worker_objectives:sleepy", "sleep": 3.0, "marker_dir": str(markers)},
         space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
         sampler={"name": "random", "seed": 0},
         budget={"n_trials": budget},
     )
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    assert hpo_cli("create", str(study), "--storage", postgres_url, env=env).returncode == 0
+    assert hpo_cli("create", str(study), "--storage", url, env=env).returncode == 0
+    return markers, env
+
+
+def test_job_array_meets_the_budget_and_a_cancelled_task_trial_is_finished_by_another(
+    cluster: Cluster, postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    budget = 12
+    markers, env = _create_sleepy_study(tmp_path, postgres_url, study_name, budget)
     url_file = tmp_path / "storage-url"
     url_file.write_text(postgres_url + "\n")
     url_file.chmod(0o600)
@@ -256,19 +263,8 @@ def test_a_time_limit_requeues_the_task_until_the_budget_is_met(
     """Tasks ended COMPLETED (exit 0) at their time limit with the study at 1 of 30, and nothing resubmitted. Now the
     script's USR1 (sent --signal seconds before the limit) stops the worker (exit 75) and requeues the task, which
     goes on with a fresh limit until the budget is met; nobody resubmits."""
-    markers = tmp_path / "markers"
-    markers.mkdir()
     budget = 10
-    study = write_study(
-        tmp_path / "study.yaml",
-        study_name,
-        objective={"kind": "worker_objectives:sleepy", "sleep": 3.0, "marker_dir": str(markers)},
-        space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
-        sampler={"name": "random", "seed": 0},
-        budget={"n_trials": budget},
-    )
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    assert hpo_cli("create", str(study), "--storage", postgres_url, env=env).returncode == 0
+    _, env = _create_sleepy_study(tmp_path, postgres_url, study_name, budget)
     cluster.env.update(
         env,
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),

@@ -53,7 +53,7 @@ import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 from torch import nn
 
-from hpo.errors import HpoError
+from hpo.checkpoint_folder import DIR_ENV, _check_dir, check_folder
 from hpo.objectives.optim import LeanOptimizer
 from hpo.spec import CheckpointSpec
 from hpo.storage import set_trial_attrs
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 ATTR = "checkpoint"
 BYTES_ATTR = "checkpoint_bytes"
 REJECTED_ATTR = "checkpoint_rejected"
-DIR_ENV = "HPO_CHECKPOINT_DIR"
 #: What a checkpoint holds: a loaded file without all of them is rejected before anything is restored.
 BLOB_KEYS = {"epoch", "step", "losses", "gen_state", "model", "optimizer", "torch_rng", "cuda_rng", "numpy_rng",
              "python_rng", "extra"}  # fmt: skip
@@ -78,34 +77,6 @@ def open_store(cfg: CheckpointSpec) -> Any:
     if cfg.store == "boto3":
         return optuna.artifacts.Boto3ArtifactStore(cfg.path)
     return optuna.artifacts.GCSArtifactStore(cfg.path)
-
-
-def check_folder(folder: Path) -> None:
-    """Create ``folder`` (0700) if missing; raise :class:`HpoError` (one line) unless it is a folder of this user
-    that no other user can write: anyone who can write there could swap a checkpoint or plant a link."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _check_dir(fd, folder)
-    finally:
-        os.close(fd)
-
-
-def _check_dir(fd: int, folder: Path) -> None:
-    st, uid = os.fstat(fd), os.geteuid()
-    link = os.lstat(folder)
-    if stat.S_ISLNK(link.st_mode) and link.st_uid != uid:
-        raise HpoError(f"checkpoint store {folder}: a link made by uid {link.st_uid}; use a folder of your own")
-    if st.st_uid != uid:
-        raise HpoError(
-            f"checkpoint store {folder}: owned by uid {st.st_uid}, not this worker's user (uid {uid}); "
-            f"use a folder of your own ({DIR_ENV})"
-        )
-    if st.st_mode & 0o022:
-        raise HpoError(
-            f"checkpoint store {folder}: writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"chmod 700 it or use a folder of your own ({DIR_ENV})"
-        )
 
 
 class FolderStore:
