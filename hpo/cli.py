@@ -314,7 +314,7 @@ def _run_processes(
     if root is not None:
         env[PATH_ENV] = os.pathsep.join(p for p in (root, os.environ.get(PATH_ENV)) if p)
     # Own process groups: a Ctrl-C reaches the workers once, forwarded, not twice (which would exit them at once).
-    procs = [_start_child([*cmd, "--seed-offset", str(i)], env, url) for i in range(workers)]
+    procs = [_start_child(cmd, env, url) for _ in range(workers)]
     received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:  # SIGTERM/SIGINT: to every worker; then wait for them
@@ -487,11 +487,14 @@ def worker(
     db_retry_for: DbRetryOpt = 120.0,
     stop_timeout: StopTimeoutOpt = 20.0,
     seed_offset: Annotated[
-        int | None,
+        int,
         typer.Option(
-            min=0, max=2**31 - 1, help="Added to the sampler's seed (default: the process id, so workers differ)."
+            min=0,
+            max=2**31 - 1,
+            help="Added to the sampler's seed (default 0: each trial is drawn from the seed and its own number, so "
+            "workers differ already and one worker or many draw the same points).",
         ),
-    ] = None,
+    ] = 0,
     quiet: Annotated[
         bool, typer.Option(help="Print nothing on success (no line per trial, no progress view, no summary).")
     ] = False,

@@ -1,9 +1,16 @@
-"""Optuna samplers by name, with keyword arguments passed through and the seed honoured."""
+"""Optuna samplers by name, with keyword arguments passed through and the seed honoured.
+
+A seeded sampler draws each trial from a random state derived from the seed and the trial's number (reseeded as the
+trial starts), not from one stream per process: a resumed study goes on instead of drawing its first points again,
+two workers draw what one would (given the same completion order), and no two trials share a stream.
+"""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
+import numpy as np
 import optuna
 
 from hpo.errors import SpecError
@@ -39,8 +46,42 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 
         kwargs.setdefault("search_space", grid(spec))
     try:
-        return windowed(cls(**kwargs))  # TPE on a bounded window of the study: its cost per trial stays flat
+        sampler = cls(**kwargs)
+        if s.seed is not None:
+            seed_per_trial(sampler, s.seed)
+        return windowed(sampler)  # TPE on a bounded window of the study: its cost per trial stays flat
     except TypeError as exc:
         raise SpecError(f"sampler.kwargs: {exc}") from None
     except ValueError as exc:
         raise SpecError(f"sampler.kwargs: {exc}") from None
+
+
+def _random_states(obj: Any, depth: int = 0) -> list[Any]:
+    """The sampler's random states (its own and its helpers': a fallback sampler, a child-generation strategy), in a
+    fixed order."""
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    found: list[Any] = []
+    for _key, value in sorted(vars(obj).items()):
+        if isinstance(value, LazyRandomState):
+            found.append(value)
+        elif depth < 3 and type(value).__module__.startswith("optuna.samplers") and hasattr(value, "__dict__"):
+            found.extend(_random_states(value, depth + 1))
+    return found
+
+
+def seed_per_trial(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Reseed ``sampler``'s random states from ``(seed, trial number)`` as each trial starts (see the module's
+    docstring). A sampler with no random state of Optuna's kind (QMC's sequence is indexed already) is left as is."""
+    states = _random_states(sampler)
+    if not states:
+        return
+    before = sampler.before_trial
+
+    def before_trial(self: optuna.samplers.BaseSampler, study: optuna.Study, trial: Any) -> None:
+        words = np.random.SeedSequence([seed, trial.number]).generate_state(len(states))
+        for state, word in zip(states, words, strict=True):
+            state._rng = np.random.RandomState(int(word))
+        before(study, trial)
+
+    sampler.before_trial = types.MethodType(before_trial, sampler)  # type: ignore[method-assign]

@@ -241,7 +241,7 @@ def test_init_worker_and_dashboard_commands_run_natively(postgres_url: str, stud
             argv, env = native(workers, secrets, database, roles, index)
             assert (ROOT / argv[2]).is_file()  # the study file the image ships
             argv[2] = str(study)
-            assert f"{roles['hpo_worker']}@" in env["HPO_STORAGE"] and argv[-2:] == ["--seed-offset", str(index)]
+            assert f"{roles['hpo_worker']}@" in env["HPO_STORAGE"]
             procs.append(
                 subprocess.Popen([sys.executable, "-m", "hpo", *argv[1:]], env=env, stderr=subprocess.PIPE, text=True)
             )

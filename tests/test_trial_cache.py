@@ -181,7 +181,7 @@ def test_a_worker_reads_the_study_once_and_never_reads_its_own_trials_back(
         objective={"kind": "tests.fast_objectives:quadratic"},
         budget={"n_trials": 15},
     )
-    result = run_worker(load_spec(path), postgres_url, WorkerOptions(threads=1, seed_offset=None))
+    result = run_worker(load_spec(path), postgres_url, WorkerOptions(threads=1))
     assert result.complete == 15
     assert len(whole_reads) <= 2, f"the whole study was read {len(whole_reads)} times for 15 trials"
     assert trial_reads == [], f"the worker read its own trials back: {trial_reads}"

@@ -30,9 +30,9 @@ class WorkerOptions:
     stop_timeout: float = DEFAULT_STOP_TIMEOUT_S
     max_consecutive_failures: int = 5
     handle_signals: bool = True
-    #: Added to a seeded sampler's seed so that workers sharing a study draw different points.
-    #: ``None``: this process's id (for independent ``hpo worker`` processes); 0 keeps the file's seed exactly.
-    seed_offset: int | None = 0
+    #: Added to a seeded sampler's seed: a different stream on purpose. Not needed for workers to differ: each trial
+    #: is drawn from the seed and its own number (:func:`hpo.samplers.seed_per_trial`).
+    seed_offset: int = 0
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None
     #: Trials trained at once, stacked (``hpo.objectives.population``); None: the study file's, else 1; or "auto".
     population: int | str | None = None

@@ -92,14 +92,6 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _trials_so_far(study: optuna.Study) -> int:
-    """How many trials the study holds, counted in SQL (its budget's count plus those waiting)."""
-    from hpo.storage import budget_counts
-
-    counted, _running, waiting = budget_counts(study._storage, study._study_id)
-    return counted + waiting
-
-
 def run_worker(
     study_or_spec: str | StudySpec,
     storage_url: str,
@@ -145,16 +137,13 @@ def run_worker(
 
         preflight(spec, f"stored study {name!r}")  # e.g. a data folder missing on this machine: before any trial
     opts = agree_on_grace(study, opts)
-    if spec.sampler.seed is not None:
-        offset = os.getpid() if opts.seed_offset is None else opts.seed_offset
-        # A seeded sampler started again on a study that has trials would draw its first trials' points again
-        # (TPE seed 0, --n-trials 3 twice: trials 3-5 repeated 0-2): the stream goes on from the study's size.
-        offset += with_db_retry("count the trials", lambda: _trials_so_far(study), opts.db_retry_for, storage_url)
-        if offset:
-            seeded = spec.model_copy(
-                update={"sampler": spec.sampler.model_copy(update={"seed": spec.sampler.seed + offset})}
-            )
-            study.sampler = make_sampler(seeded)
+    if spec.sampler.seed is not None and opts.seed_offset:
+        # each trial is drawn from (seed, trial number) already (hpo.samplers.seed_per_trial): an offset is a
+        # different stream on purpose
+        seeded = spec.model_copy(
+            update={"sampler": spec.sampler.model_copy(update={"seed": spec.sampler.seed + opts.seed_offset})}
+        )
+        study.sampler = make_sampler(seeded)
     objective = resolve(spec.objective.kind)
     device = resolve_device(opts.device if opts.device != "cpu" else getattr(spec.objective, "device", "cpu"))
     threads = thread_budget(opts.threads or getattr(spec.objective, "threads", None))
