@@ -262,7 +262,8 @@ def run(
         else:
             stopped = _run_processes(
                 study_file, url, workers, threads, device, n_trials, timeout, heartbeat, grace, max_retry, poll,
-                population=population, fault_opts=fault_opts, objective=spec.objective.kind,
+                population=population, fault_opts=fault_opts,
+                references=(spec.objective.kind, *spec.callbacks, *spec.sampler.callables().values()),
             )  # fmt: skip
     _summary(spec.name, url)
     out.print(
@@ -291,7 +292,7 @@ def _run_processes(
     poll: Callable[[], None],
     population: str | None = None,
     fault_opts: dict[str, float] | None = None,
-    objective: str = "",
+    references: tuple[str, ...] = (),
 ) -> bool:
     # -P: the working folder is not put first on the children's import path (a typer.py there would run in each);
     # a user's objective is imported from where this process found it, appended last (hpo.trust.PATH_ENV)
@@ -310,9 +311,10 @@ def _run_processes(
     from hpo.trust import PATH_ENV, objective_root
 
     env = {**os.environ}
-    root = objective_root(objective)
-    if root is not None:
-        env[PATH_ENV] = os.pathsep.join(p for p in (root, os.environ.get(PATH_ENV)) if p)
+    roots = [objective_root(ref) for ref in references]  # the objective, callbacks, sampler functions
+    roots = [r for r in dict.fromkeys(roots) if r is not None]
+    if roots:
+        env[PATH_ENV] = os.pathsep.join(p for p in (*roots, os.environ.get(PATH_ENV)) if p)
     # Own process groups: a Ctrl-C reaches the workers once, forwarded, not twice (which would exit them at once).
     procs = [_start_child(cmd, env, url) for _ in range(workers)]
     received: list[int] = []
@@ -654,7 +656,7 @@ def enqueue(
     from hpo.space import encode_params
     from hpo.spec import check_params
 
-    problem = check_params(spec.space, params)  # before anything is stored
+    problem = check_params(spec.space, params, own_names=":" in spec.objective.kind)  # before anything is stored
     if problem:
         raise StudyError(f"--param {problem}")
     s.enqueue_trial(encode_params(params), user_attrs={"enqueued": True})
