@@ -30,8 +30,12 @@ _CLASSES: dict[str, str] = {
 }
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, callables: bool = True) -> optuna.samplers.BaseSampler:
     """Build the study file's sampler.
+
+    ``callables``: import the sampler's ``module:function`` keyword arguments (``constraints_func: mod:fn``); False
+    where the file is the database's word and unchecked (:func:`hpo.worker.load`: ``hpo enqueue``, ``hpo reap``): the
+    sampler is built without them, and a worker adds them once :mod:`hpo.trust` allowed them.
 
     Example:
         ``sampler: {name: tpe, seed: 0, kwargs: {multivariate: true, constant_liar: true}}``
@@ -39,7 +43,10 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     s = spec.sampler
     cls = getattr(optuna.samplers, _CLASSES[s.name])
     kwargs: dict[str, Any] = dict(s.kwargs)
-    kwargs.update(sampler_callables(spec))
+    for key in spec.sampler.callables():  # user code: imported only where the caller trusts the file
+        kwargs.pop(key)
+    if callables:
+        kwargs.update(sampler_callables(spec))
     if s.seed is not None:
         kwargs["seed"] = s.seed
     if s.name == "grid":

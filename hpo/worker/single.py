@@ -155,6 +155,8 @@ def run_worker(
 
         preflight(spec, f"stored study {name!r}")  # e.g. a data folder missing on this machine: before any trial
     opts = agree_on_grace(study, opts)
+    if spec.sampler.callables():  # the file's (or the checked stored file's) functions: load() imports none
+        study.sampler = make_sampler(spec)
     if spec.sampler.seed is not None and opts.seed_offset:
         # each trial is drawn from (seed, trial number) already (hpo.samplers.seed_per_trial): an offset is a
         # different stream on purpose
