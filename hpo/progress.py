@@ -128,7 +128,8 @@ class StudyProgress:
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             console=self.console,
-            transient=False,
+            # off a terminal (a log file) the final line is printed whole by __exit__, not cut at 80 columns
+            transient=not self.console.is_terminal,
         )
 
     def __enter__(self) -> Callable[[], None]:
@@ -196,6 +197,9 @@ class StudyProgress:
         finally:
             if self.handle is None:
                 self.bar.stop()
+                if not self.console.is_terminal:  # the elapsed time at its end included, whatever the name's length
+                    wide = Console(file=self.console.file, width=10_000, color_system=None, force_terminal=False)
+                    wide.print(self.bar.make_tasks_table(self.bar.tasks))
 
 
 __all__ = ["TRIAL_LOG", "StudyProgress", "TrialLog", "metric_names", "trial_line", "trial_logger"]

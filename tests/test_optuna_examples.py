@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -331,3 +332,12 @@ def test_an_objective_that_does_not_import_is_one_line(tmp_path: Path, source: s
     if source is not None and source.startswith("def"):
         assert f"{module}:1" in res.stderr
     assert not (tmp_path / "b.db").exists()
+
+
+def test_the_final_progress_line_is_whole_off_a_terminal(sqlite_url: str, tmp_path: Path) -> None:
+    """Off a terminal (a log file) the run's last progress line keeps its elapsed time, whatever the name's length."""
+    name = "a-study-name-long-enough-to-fill-most-of-an-eighty-column-line"
+    res = run(study_file(tmp_path / "l.yaml", name, "maximise_x", 2), sqlite_url, workers=1)
+    assert res.returncode == 0, res.stderr
+    [line] = [line for line in res.stderr.splitlines() if line.startswith(name)]
+    assert re.search(r" 2/2 best \S+  pruned 0  failed 0 \d+:\d\d:\d\d$", line), line
