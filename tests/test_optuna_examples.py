@@ -61,7 +61,6 @@ def finished(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def plain_optuna(objective: Any, n_trials: int, **kw: Any) -> optuna.Study:
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     kw.setdefault("direction", "minimize")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), **kw)
     study.optimize(objective, n_trials=n_trials)
@@ -231,7 +230,6 @@ def _digest(db: Path) -> dict[str, tuple[int, str]]:
 
 
 def test_a_refused_run_leaves_a_plain_optuna_study_as_it_was(sqlite_url: str, tmp_path: Path) -> None:
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(study_name="plain", storage=sqlite_url, direction="minimize")
     study.optimize(examples.maximise_x, n_trials=3)
     db = Path(sqlite_url.removeprefix("sqlite:///"))

@@ -312,7 +312,7 @@ def _next_trial(
 
 
 class SpaceTrial(optuna.Trial):
-    """The trial a plain objective gets when the study file has a ``space:``: hpo draws those entries before the
+    """The trial a user's objective gets when the study file has a ``space:``: hpo draws those entries before the
     objective runs, so an objective's own ``trial.suggest_*`` of the same name gets the space's value, as Optuna
     answers a second suggest of one name. Where the objective asks another range, that is said once per worker and
     name (a warning naming both), never silently."""
@@ -410,9 +410,9 @@ def _run_one(
             set_trial_attrs(trial, attrs, replace=bool(inherited.keys() & attrs.keys()))
             ctx = Context(spec=spec, params=params, seed=seed, threads=threads, device=device, stop=stop)
             trial.study._thread_local.in_optimize_loop = True  # its own view's (a copy has its own): stop() works
+            if ":" in spec.objective.kind and spec.space:  # the space decides a name a user's objective also
+                trial.__class__ = SpaceTrial  # suggests: said, not silent
             plain = interrupt is not None and not uses_context(objective)
-            if plain and spec.space:  # the file's space decides a name the objective also suggests: said, not silent
-                trial.__class__ = SpaceTrial
             if plain:
                 if stop.is_set():
                     raise StopNow()
