@@ -243,6 +243,7 @@ def run(
     threads = threads or getattr(spec.objective, "threads", None) or default_threads(workers)  # the file's, if set
     from hpo.progress import StudyProgress
 
+    by_study = False  # one worker says why it stopped; several are quiet children
     with StudyProgress(spec.name, url, budget, console=err) as poll:
         if workers == 1:
             opts = WorkerOptions(
@@ -259,6 +260,7 @@ def run(
             )
             result = run_worker(spec, url, opts)
             stopped = result.interrupted
+            by_study = result.reason == "stopped by study.stop()"
         else:
             stopped = _run_processes(
                 study_file, url, workers, threads, device, n_trials, timeout, heartbeat, grace, max_retry, poll,
@@ -272,6 +274,12 @@ def run(
         highlight=False,
         soft_wrap=True,
     )
+    if by_study:  # as Optuna's optimize returns: not an error, and nothing to resume
+        out.print(
+            "stopped by study.stop() (in the objective or a callback) before the budget was met",
+            highlight=False,
+            soft_wrap=True,
+        )
     if stopped:
         out.print("stopped before the budget was met; run the same command again to resume")
         raise typer.Exit(STOPPED_EXIT)

@@ -193,6 +193,7 @@ def test_study_stop_in_the_objective_as_plain_optuna(postgres_url: str, study_na
     ours = finished(study_name, postgres_url)
     theirs = plain_optuna(examples.stops_at_two, 10, direction="maximize").trials
     assert [t.state for t in ours] == [t.state for t in theirs] == [TrialState.COMPLETE] * 3
+    assert "stopped by study.stop() (in the objective or a callback) before the budget was met" in res.stdout
 
 
 def test_callbacks_are_code_a_worker_by_name_must_allow(postgres_url: str, study_name: str, tmp_path: Path) -> None:
