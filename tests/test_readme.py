@@ -31,7 +31,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert test in ci, ".ci/run must run README's test command word for word"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=200)
 def test_readme_main_command_on_a_fresh_clone(tmp_path: Path) -> None:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs the git checkout to clone")
