@@ -118,7 +118,7 @@ def test_dashboard_shows_study_written_by_workers(browser, postgres_url: str, tm
         # the served dashboard is read-only
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies/{study._study_id}", method="DELETE")
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(req, timeout=5)
+            urllib.request.urlopen(req, timeout=ceiling(5))
         assert refused.value.code == 403
         assert len(optuna.load_study(study_name=name, storage=postgres_url).trials) == n
     finally:
