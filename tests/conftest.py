@@ -56,6 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.maxschedchunk = 1
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected: positions count the tests that run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The long tests first, longest first (``@pytest.mark.slow(seconds=...)``: their time on an idle machine, 60
     where not said), so that with ``-n 3`` they start at once on different workers and the many short tests fill in
@@ -66,6 +67,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return float(mark.kwargs.get("seconds", 60)) if mark else 0.0
 
     items.sort(key=lambda item: -seconds(item))  # stable: file order among equals
+    # pytest-xdist (one test at a time, above) starts worker i on the tests at positions 2i and 2i + 1, then hands out
+    # the rest in order as workers finish: the n longest start at once, each with a shorter one queued behind it
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if 2 <= n and 2 * n <= len(items):
+        head = items[: 2 * n]
+        items[: 2 * n] = [item for i in range(n) for item in (head[i], head[2 * n - 1 - i])]
 
 
 # --------------------------------------------------------------------------- the PostgreSQL server, shared
