@@ -69,10 +69,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: -seconds(item))  # stable: file order among equals
     # pytest-xdist (one test at a time, above) starts worker i on the tests at positions 2i and 2i + 1, then hands out
     # the rest in order as workers finish: the n longest start at once, each with a shorter one queued behind it
+    # (two long restarts of PostgreSQL share a worker: on two they would wait for each other, holding both)
     n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if 2 <= n and 2 * n <= len(items):
-        head = items[: 2 * n]
-        items[: 2 * n] = [item for i in range(n) for item in (head[i], head[2 * n - 1 - i])]
+    if n < 2 or len(items) < 2 * n:
+        return
+    restarts = [item for item in items[: 2 * n] if item.get_closest_marker("pg_restart")][:2]
+    pairs = [restarts] if len(restarts) == 2 else []
+    rest = [item for item in items if not any(item is r for pair in pairs for r in pair)]
+    k = n - len(pairs)
+    pairs += [[rest[i], rest[2 * k - 1 - i]] for i in range(k)]
+    items[:] = [item for pair in pairs for item in pair] + rest[2 * k :]
 
 
 # --------------------------------------------------------------------------- the PostgreSQL server, shared

@@ -365,7 +365,7 @@ def test_budget_lock_held_15_s_by_another_connection(postgres_url: str, study_na
     assert all(t.state == TrialState.COMPLETE for t in ts)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=10)
 def test_budget_lock_timeouts_are_settable(postgres_url: str, study_name: str) -> None:
     """``budget_lock(wait=, idle=)`` (``hpo worker --lock-timeout / --lock-idle-timeout``): the lock's transaction
     carries them, a busy lock is given up after ``wait`` and a holder idle for ``idle`` loses its connection."""
@@ -597,7 +597,7 @@ def test_population_worker_whose_members_are_reaped_carries_on(
     assert lines == 4, stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 @pytest.mark.pg_restart
 def test_postgres_stopped_for_30_s_fails_no_in_flight_trial(postgres_url: str, study_name: str, tmp_path: Path) -> None:
     study = steady_study(tmp_path, study_name, n_trials=8, seconds=6, report_every=0.5)
@@ -611,7 +611,7 @@ def test_postgres_stopped_for_30_s_fails_no_in_flight_trial(postgres_url: str, s
     assert [t.number for t in ts if t.state == TrialState.FAIL] == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 @pytest.mark.pg_restart
 def test_postgres_stopped_longer_than_db_retry_for_requeues_in_flight_trials_once(
     postgres_url: str, study_name: str, tmp_path: Path

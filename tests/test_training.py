@@ -318,7 +318,7 @@ def test_evaluate_reproduces_and_stores_test_accuracy(tmp_path: Path) -> None:
     assert record["reproduced"] is True and 0.0 <= record["test_accuracy"] <= 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_capable_architecture_reaches_095(tmp_path: Path) -> None:
     """The shipped architecture study, on a reduced budget, finds >= 0.95 validation accuracy."""
     url = f"sqlite:///{tmp_path / 'a.db'}"
