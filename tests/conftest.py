@@ -257,7 +257,7 @@ def write_study(path: Path, name: str, **overrides: object) -> Path:
 def lesson_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """``hpo run studies/lesson.yaml`` once per test session, into a SQLite file that every test needing a finished
     lesson study reads (``hpo check``, ``hpo report``, the browser): the first process of the session to ask runs it
-    while any other waits on a lock, instead of three runs of 216 trials. Its URL; read it, never write to it."""
+    while any other waits on a lock, instead of a run of 216 trials in each. Its URL; read it, never write to it."""
     # pytest-xdist's workers have basetemp <session>/popen-gwN: their parent is the session's own folder
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
