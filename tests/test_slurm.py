@@ -122,7 +122,7 @@ class Cluster:
         self._wait(lambda: "idle" in self.run("sinfo", "-h", "-o", "%t", check=False), "the node to be idle")
 
     def _wait(self, cond: object, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + ceiling(timeout)
         while time.monotonic() < deadline:
             if cond():  # type: ignore[operator]
                 return
@@ -130,7 +130,7 @@ class Cluster:
                 if p.poll() is not None:
                     raise AssertionError(f"{p.args[0]} exited ({p.returncode}) while waiting for {what}: {self.logs()}")
             time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}: {self.logs()}")
+        raise AssertionError(f"timed out after {ceiling(timeout):.0f} s waiting for {what}: {self.logs()}")
 
     def logs(self) -> str:
         return "\n".join(
