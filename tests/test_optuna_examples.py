@@ -247,12 +247,21 @@ def test_a_refused_run_leaves_a_plain_optuna_study_as_it_was(sqlite_url: str, tm
 # --------------------------------------------------------------------------- Ctrl-C on a plain objective
 
 
-def test_ctrl_c_stops_a_plain_objective_at_once(postgres_url: str, study_name: str, tmp_path: Path) -> None:
-    """A 60 s objective that never calls check_stop(): the run exits well inside --stop-timeout, each running trial
-    failed ``interrupted`` and re-queued once."""
+@pytest.mark.parametrize(
+    ("command", "sig", "workers"),
+    [("run", signal.SIGINT, 2), ("worker", signal.SIGTERM, 1)],
+    ids=["ctrl-c-to-hpo-run", "sigterm-to-hpo-worker"],
+)
+def test_ctrl_c_stops_a_plain_objective_at_once(
+    postgres_url: str, study_name: str, tmp_path: Path, command: str, sig: signal.Signals, workers: int
+) -> None:
+    """A 60 s objective that never calls check_stop(): Ctrl-C to ``hpo run --workers 2`` (forwarded to its workers)
+    or SIGTERM to one ``hpo worker`` (as Kubernetes and Slurm send it) ends it well inside --stop-timeout, each
+    running trial failed ``interrupted`` and re-queued once."""
     stop_timeout = 20.0
     path = study_file(tmp_path / "c.yaml", study_name, "sleeps_a_minute", 4, direction="maximize")
-    cmd = [sys.executable, "-m", "hpo", "run", str(path), "--storage", postgres_url, "--workers", "2"]
+    cmd = [sys.executable, "-m", "hpo", command, str(path), "--storage", postgres_url]
+    cmd += ["--workers", "2"] if command == "run" else []
     proc = subprocess.Popen(
         [*cmd, "--stop-timeout", str(stop_timeout)],
         env={**os.environ, **ENV},
@@ -265,14 +274,14 @@ def test_ctrl_c_stops_a_plain_objective_at_once(postgres_url: str, study_name: s
         while time.monotonic() < deadline:  # both workers inside their objective
             with contextlib.suppress(KeyError):
                 study = optuna.load_study(study_name=study_name, storage=postgres_url)
-                if len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) == 2:
+                if len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) == workers:
                     break
             time.sleep(0.3)
         else:
             pytest.fail("the workers never started their trials")
         time.sleep(1.0)  # inside time.sleep(60) of the objective, past the parameter's suggest
         sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=ceiling(stop_timeout + 60))
         took = time.monotonic() - sent
     finally:
@@ -283,7 +292,7 @@ def test_ctrl_c_stops_a_plain_objective_at_once(postgres_url: str, study_name: s
     assert "still running" not in err and "Traceback" not in err
     trials = optuna.load_study(study_name=study_name, storage=postgres_url).trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(failed) == 2 and all(t.user_attrs["reason"] == "interrupted" for t in failed)
+    assert len(failed) == workers and all(t.user_attrs["reason"] == "interrupted" for t in failed)
     copies = [t.user_attrs.get("requeued_from") for t in trials if t.state == TrialState.WAITING]
     assert sorted(copies) == sorted(t.number for t in failed)  # each re-queued once
 
