@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import signal
 import subprocess
@@ -107,8 +106,6 @@ def _user_errors(fn: F) -> F:
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False) -> None:
-    import optuna
-
     from hpo.checks import check_not_shadowed
 
     try:
@@ -116,10 +113,9 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log mo
     except HpoError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    from hpo.logs import setup
+
+    setup(verbose)
 
 
 def _is_file(study: str) -> bool:
@@ -562,7 +558,7 @@ def worker(
     elif not quiet:
         if spec is not None:  # a file that disagrees with the stored study: its error is the only line
             create(spec, url)
-        opts.on_trial = trial_log = TrialLog(spec.metric_names if spec is not None else "value")
+        opts.on_trial = trial_log = TrialLog(spec.metric_names if spec is not None else _stored_metrics(name, url))
         from hpo.render import visible
         from hpo.storage import mask
 
@@ -585,6 +581,24 @@ def worker(
         raise typer.Exit(STOPPED_EXIT)  # stopped by a signal before the budget: engines run it again
     if require_complete and result.ran and not result.complete:
         _require_a_completed_trial(name, url, numbers=set(result.trials))
+
+
+def _stored_metrics(name: str, url: str) -> list[str]:
+    """A stored study's metric names for its trial lines (``value`` where it cannot be read now: the worker says
+    why when it loads the study)."""
+    import optuna
+
+    from hpo.progress import metric_names
+    from hpo.storage import open_storage
+
+    try:
+        storage = open_storage(url, retry_for=0)
+        try:
+            return metric_names(optuna.load_study(study_name=name, storage=storage))
+        finally:
+            storage.engine.dispose()
+    except Exception:
+        return ["value"]
 
 
 @app.command()
@@ -1108,6 +1122,58 @@ def dashboard(
 
 
 # --------------------------------------------------------------------------- database roles (issue 7)
+
+ckpt_app = typer.Typer(help="Checkpoints of preemption-safe trials.", no_args_is_help=True)
+app.add_typer(ckpt_app, name="checkpoints")
+
+
+@ckpt_app.command("prune")
+@_user_errors
+def checkpoints_prune(
+    study: Annotated[str, typer.Argument(help="Study name or file.")],
+    storage: StorageOpt = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--dir", help="The checkpoint folder (default: $HPO_CHECKPOINT_DIR, else the study file's)."),
+    ] = None,
+    orphans_only: Annotated[
+        bool, typer.Option("--orphans-only", help="Keep the checkpoints finished trials kept (keep: true).")
+    ] = False,
+) -> None:
+    """Remove the checkpoints no trial will resume from: those of complete and pruned trials, of failed trials
+    without a re-queued copy, and files a killed write left; a running or waiting trial's are never touched. Only in
+    a folder this side names (--dir, $HPO_CHECKPOINT_DIR or the study file given), never one read from the database."""
+    from hpo.checkpoint_folder import DIR_ENV
+    from hpo.storage import open_storage
+    from hpo.worker import load
+
+    spec, url, name = _spec_and_url(study, storage)
+    cfg = getattr(spec.objective, "checkpoint", None) if spec is not None else None
+    if folder is None:
+        named = os.environ.get(DIR_ENV) or (cfg.path if cfg is not None and cfg.store == "filesystem" else None)
+        if named is None:
+            raise HpoError(
+                f"checkpoints prune: which folder? give --dir or set {DIR_ENV} (a folder named by the database is "
+                "never used)"
+            )
+        folder = Path(named)
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise HpoError(f"checkpoints prune: {folder}: no such folder")
+    from hpo.objectives.checkpoints import FolderStore, sweep
+
+    store = FolderStore(folder)  # a folder of this user that nobody else can write, or one line
+    st = open_storage(url)
+    s, _ = load(name, st)
+    swept = sweep(s, store, keep=orphans_only)
+    out.print(
+        f"removed {swept.removed} checkpoint file(s), {swept.removed_bytes / 2**20:.3f} MB, of study {lit(name)} "
+        f"from {lit(folder)}; {swept.live} left for running or waiting trials"
+        + (f", {swept.kept} kept by finished trials" if orphans_only else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+
 
 db_app = typer.Typer(help="Set up a shared study database: the worker and analyst roles.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

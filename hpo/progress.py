@@ -50,7 +50,8 @@ def metric_names(study: Any) -> list[str]:
 
 
 def trial_line(t: FrozenTrial, metric: str | list[str] = "value") -> str:
-    """``trial 3 COMPLETE val_accuracy=0.8734 in 1.2s`` (+ ``reason=...``, and the error of a failed trial); several
+    """``trial 3 COMPLETE val_accuracy=0.8734 in 1.2s`` (+ ``reason=...``, ``resumed_from=...`` and
+    ``checkpoint_rejected=...`` of a re-queued copy, and the error of a failed trial); several
     objectives: ``val_accuracy=0.61 train_seconds=1.2``, one per name of ``metric``."""
     parts = [f"trial {t.number} {t.state.name}"]
     names = [metric] if isinstance(metric, str) else metric
@@ -61,6 +62,11 @@ def trial_line(t: FrozenTrial, metric: str | list[str] = "value") -> str:
     reason = t.user_attrs.get("reason")
     if reason:
         parts.append(f"reason={visible(reason)}")
+    if t.user_attrs.get("resumed_from") is not None:  # a re-queued copy that went on from its checkpoint
+        parts.append(f"resumed_from={visible(t.user_attrs['resumed_from'])}")
+    rejected = t.user_attrs.get("checkpoint_rejected")
+    if rejected:
+        parts.append(f"checkpoint_rejected={visible(str(rejected)[:200])!r}")
     error = t.user_attrs.get("error")
     if error and t.state == TrialState.FAIL:
         parts.append(f"error={visible(str(error).splitlines()[0][:200])!r}")

@@ -266,7 +266,8 @@ class TrainDefaults(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    """Preemption-safe trials (``hpo.checkpoints``): where and how often a training trial saves its state."""
+    """Preemption-safe trials (``hpo.objectives.checkpoints``): where and how often a training or grokking trial saves
+    its state."""
 
     #: Save at the end of every ``every_epochs``-th epoch; with ``every_steps`` also every that many steps.
     every_epochs: int = Field(1, ge=1)
@@ -315,6 +316,15 @@ class GrokkingObjective(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: str = "cpu"
+    #: Preemption-safe trials: saved every ``every_steps`` steps (default: every evaluation) and when stopped.
+    checkpoint: CheckpointSpec | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: CheckpointSpec | None) -> CheckpointSpec | None:
+        if v is not None and v.every_epochs != 1:
+            raise ValueError("grokking trials count steps, not epochs: use every_steps")
+        return v
 
     @field_validator("threshold")
     @classmethod

@@ -175,6 +175,10 @@ def run_worker(
     result = WorkerResult()
     failures = 0
 
+    # checkpoints no trial resumes from: swept at the start, after a failure, at the end
+    sweep = _checkpoint_sweeper(study, spec)
+    if sweep is not None:
+        sweep()
     signals = _Signals(stop, opts.stop_timeout, study)
     interrupt = signals if opts.handle_signals and threading.current_thread() is threading.main_thread() else None
     study._thread_local.in_optimize_loop = True  # as in study.optimize: trial.study.stop() may be called
@@ -216,8 +220,12 @@ def run_worker(
                 failures = 0
             else:
                 result.failed += 1
+                if sweep is not None:
+                    sweep()
                 if outcome == "interrupted":
                     result.interrupted = True
+                    if opts.on_trial is not None:  # its line too: failed, reason=interrupted, re-queued
+                        opts.on_trial(frozen)
                     break
                 if outcome in ("requeued", "dropped"):  # a database error or a reap, not the objective's fault
                     continue
@@ -237,6 +245,8 @@ def run_worker(
     if stop.is_set():
         result.interrupted = True
         result.reason = "stopped by signal"
+    elif sweep is not None:
+        sweep()
     return result
 
 
@@ -266,6 +276,15 @@ def _call_back(callbacks: list[tuple[str, Any]], study: optuna.Study, frozen: op
             raise HpoError(
                 f"callback {ref} raised {type(exc).__name__}: {exc} after trial {frozen.number}; stopping this worker"
             ) from None
+
+
+def _checkpoint_sweeper(study: optuna.Study, spec: StudySpec) -> Any:
+    cfg = getattr(spec.objective, "checkpoint", None)
+    if cfg is None:  # no torch import for objectives without checkpoints
+        return None
+    from hpo.objectives.checkpoints import sweeper
+
+    return sweeper(study, cfg)
 
 
 def _own_grace(opts: WorkerOptions) -> float | None:
