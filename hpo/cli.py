@@ -131,10 +131,11 @@ def _is_file(study: str) -> bool:
 
 def _spec_and_url(study: str, storage: str | None) -> tuple[Any, str, str]:
     """(spec or None, storage URL, study name) for a study file path or a study name."""
-    from hpo.spec import load_spec
     from hpo.storage import resolve_url
 
     if _is_file(study):
+        from hpo.spec import load_spec  # pydantic: only for a file
+
         spec = load_spec(study)
         return spec, resolve_url(storage, spec.storage), spec.name
     return None, resolve_url(storage), study
@@ -797,10 +798,6 @@ def _emit(
             out.print(text(fitted.note(), style="dim"), highlight=False)
 
 
-def _records(df: Any) -> list[dict[str, Any]]:
-    return [{k: _jsonable(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
-
-
 @app.command()
 @_user_errors
 def studies(
@@ -842,11 +839,11 @@ def trials(
     if fmt != OutputFormat.table:  # streamed by SQL, a chunk at a time: any size of study in bounded memory
         _stream_trials(url, name, fmt, state, limit, columns)
         return
-    df = query.trials(url, name, states=state, limit=limit)
-    every = list(df.columns)
-    if fmt == OutputFormat.table:
-        df = df.drop(columns=[c for c in ("datetime_start", "datetime_complete", "worker") if c in df])
-    _emit(_records(df), fmt, f"trials of {name}", list(df.columns), wanted=columns, all_columns=every)
+    names, metrics, raws = query.iter_trials(url, name, states=state, limit=limit, user_attrs=query.TRIAL_ATTRS)
+    every = query.trial_columns(names, metrics)
+    shown = [c for c in every if c not in ("datetime_start", "datetime_complete", "worker")]
+    rows = [query.flat_row(raw, names, metrics) for raw in raws]
+    _emit(rows, fmt, f"trials of {name}", shown, wanted=columns, all_columns=every)
 
 
 def _stream_trials(
@@ -873,16 +870,7 @@ def _stream_trials(
             first = False
         write("[]\n" if first else "\n]\n")
         return
-    every = [
-        "number",
-        "state",
-        *query._value_columns(metrics),
-        *(f"params_{n}" for n in names),
-        "datetime_start",
-        "datetime_complete",
-        "duration",
-        *query.TRIAL_ATTRS,
-    ]
+    every = query.trial_columns(names, metrics)
     chosen = pick(every, columns) if columns else every
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -930,14 +918,14 @@ def best(
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
-    rows = query.best(url, name, n=limit)
+    rows, names = query.best_and_params(url, name, n=limit)
     if not rows and fmt == OutputFormat.table:
         out.print(f"study {lit(name)}: no completed trial yet", highlight=False)
         return
     if fmt == OutputFormat.json:
         _emit(rows, fmt, "")
         return
-    names = query.study_params(url, name)  # columns from the study, not from the trials shown
+    # names: columns from the study, not from the trials shown
     flat = [
         {
             "number": r["number"],
