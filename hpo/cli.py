@@ -995,7 +995,7 @@ def check(
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Check the study file's predictions against the COMPLETE trials: supported, refuted or not enough evidence."""
-    from hpo.report import check_study
+    from hpo.hypotheses import check_study  # not hpo.report: no plotly or pandas to load
 
     spec, url, name = _spec_and_url(study, storage)
     verdicts = check_study(url, name, spec)

@@ -844,3 +844,113 @@ def _ranked(
     to_value = models.TrialValueModel.stored_repr_to_value
     rows = [(tid, num, to_value(value, vt)) for tid, num, value, vt in conn.execute(stmt) if tid not in infeasible]
     return rows[:n]
+
+
+class TrialsView:
+    """A study as :mod:`hpo.hypotheses` reads it: ``user_attrs``, ``direction``, ``get_trials`` over light COMPLETE
+    trials (``number``, ``value``, ``params`` and ``distributions`` of the asked parameters, ``user_attrs`` with
+    ``sweeps`` only), and which trials they are (``total`` complete ones, ``used`` read, ``seed``)."""
+
+    def __init__(self, user_attrs: dict[str, Any], direction: Any, trials: list[Any], total: int, seed: int) -> None:
+        self.user_attrs, self.direction, self._trials = user_attrs, direction, trials
+        self.total, self.used, self.seed = total, len(trials), seed
+
+    def get_trials(self, deepcopy: bool = False, states: Container[TrialState] | None = None) -> list[Any]:
+        return list(self._trials)
+
+    @property
+    def sampled(self) -> bool:
+        return self.used < self.total
+
+
+def study_user_attrs(storage_url: str, study: str) -> dict[str, Any]:
+    """A study's user attributes (its stored study file among them), by SQL.
+
+    Raises:
+        StudyError: no such study.
+    """
+    engine = _engine(storage_url)
+    try:
+        with engine.connect() as conn:
+            sid = _sid(conn, study, storage_url)
+            return _study_info(conn, [sid])[sid].user_attrs
+    finally:
+        engine.dispose()
+
+
+def complete_trials(
+    storage_url: str, study: str, params: Sequence[str], size: int = SAMPLE_SIZE, seed: int = 0
+) -> TrialsView:
+    """The COMPLETE trials with a finite first value that predictions are checked on, by SQL, reading only the
+    parameters ``params`` and the ``sweeps`` attribute: every such trial up to ``size``; beyond, every trial of a
+    design sweep and a uniform random sample (``random.Random(seed)``) of the others, ``size`` in all (a uniform
+    sample: correlations and group means as on every trial, within the bootstrap's intervals).
+
+    Raises:
+        StudyError: no such study.
+    """
+    t, v = models.TrialModel.__table__, models.TrialValueModel.__table__
+    p, u = models.TrialParamModel.__table__, models.TrialUserAttributeModel.__table__
+    engine = _engine(storage_url)
+    try:
+        with engine.connect() as conn:
+            sid = _sid(conn, study, storage_url)
+            info = _study_info(conn, [sid])[sid]
+            finite = (
+                sa.select(t.c.trial_id, v.c.value)
+                .join(v, v.c.trial_id == t.c.trial_id)
+                .where(
+                    t.c.study_id == sid,
+                    t.c.state == TrialState.COMPLETE,
+                    v.c.objective == 0,
+                    v.c.value_type == models.TrialValueModel.TrialValueType.FINITE,
+                )
+                .order_by(t.c.trial_id)
+            )
+            ids = [r[0] for r in conn.execute(finite.with_only_columns(t.c.trial_id))]
+            swept = {
+                tid: _attr(value)
+                for tid, value in conn.execute(
+                    sa.select(u.c.trial_id, u.c.value_json)
+                    .join(t, t.c.trial_id == u.c.trial_id)
+                    .where(t.c.study_id == sid, u.c.key == "sweeps")
+                )
+            }
+            chosen = ids
+            if len(ids) > size:
+                kept = [i for i in ids if i in swept][:size]
+                rest = [i for i in ids if i not in swept]
+                chosen = sorted(kept + random.Random(seed).sample(rest, min(len(rest), size - len(kept))))
+            trials: dict[int, SimpleNamespace] = {}
+            external = _decoder()
+            parsed: dict[str, optuna.distributions.BaseDistribution] = {}
+            for lo in range(0, len(chosen), 1000):  # IN lists of 1,000: within every backend's limits
+                part = chosen[lo : lo + 1000]
+                for tid, number, value in conn.execute(
+                    sa.select(t.c.trial_id, t.c.number, v.c.value)
+                    .join(v, v.c.trial_id == t.c.trial_id)
+                    .where(t.c.trial_id.in_(part), v.c.objective == 0)
+                ):
+                    sweeps = swept.get(tid)
+                    trials[tid] = SimpleNamespace(
+                        number=number,
+                        state=TrialState.COMPLETE,
+                        value=float(value),
+                        params={},
+                        distributions={},
+                        user_attrs={} if sweeps is None else {"sweeps": sweeps},
+                    )
+                for tid, name, value, dist in conn.execute(
+                    sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json).where(
+                        p.c.trial_id.in_(part), p.c.param_name.in_(list(params))
+                    )
+                ):
+                    if dist not in parsed:
+                        parsed[dist] = optuna.distributions.json_to_distribution(dist)
+                    trials[tid].params[name] = external(dist, value)
+                    trials[tid].distributions[name] = parsed[dist]
+    finally:
+        engine.dispose()
+    ordered = sorted(trials.values(), key=lambda x: x.number)
+    direction = info.directions[0] if info.directions else optuna.study.StudyDirection.MINIMIZE
+    return TrialsView(info.user_attrs, direction, ordered, len(ids), seed)
