@@ -524,7 +524,7 @@ def curves(storage_url: str, study: str | optuna.Study) -> pd.DataFrame:
 
 
 #: trials per chunk of a streamed export (:func:`iter_trials`): a few MB held at a time, whatever the study's size.
-CHUNK = 5_000
+CHUNK = 10_000
 
 
 def _decoder() -> Any:
@@ -541,6 +541,14 @@ def _decoder() -> Any:
 
 
 def _attr(value_json: str) -> Any:
+    """A stored attribute's JSON as its value; the text itself where it is not JSON."""
+    if type(value_json) is str:  # the common shapes first (a big export reads 300,000): same values, 3x faster
+        if value_json.isascii() and value_json.isdigit() and (value_json[0] != "0" or len(value_json) == 1):
+            return int(value_json)
+        if len(value_json) > 1 and value_json[0] == '"' == value_json[-1]:
+            inner = value_json[1:-1]
+            if '"' not in inner and "\\" not in inner and inner.isprintable():
+                return inner
     try:
         return json.loads(value_json)
     except (TypeError, ValueError):
@@ -600,7 +608,7 @@ def _chunks(
             if wanted is not None:
                 head = head.where(t.c.state.in_(list(wanted)))
             with engine.connect() as conn:
-                ids = [r[0] for r in conn.execute(head.order_by(t.c.trial_id).limit(size))]
+                ids = list(conn.execute(head.order_by(t.c.trial_id).limit(size)).scalars().all())
                 if not ids:
                     return
                 raws = _read_trials(conn, ids, user_attrs, contiguous=True)
@@ -637,22 +645,24 @@ def _read_trials(
         )
     ).all()
     params: dict[int, dict[str, Any]] = {}
-    for tid, name, value, dist in conn.execute(
+    for tid, name, value, dist in _driver_rows(
+        conn,
         sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
         .where(among(p.c.trial_id))
-        .order_by(p.c.param_id)
+        .order_by(p.c.param_id),
     ):
         params.setdefault(tid, {})[name] = external(dist, value)
     values: dict[int, dict[int, float]] = {}
-    for tid, objective, value, kind in conn.execute(
-        sa.select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type).where(among(v.c.trial_id))
+    kinds = models.TrialValueModel.TrialValueType
+    for tid, objective, value, kind in _driver_rows(
+        conn, sa.select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type).where(among(v.c.trial_id))
     ):
-        values.setdefault(tid, {})[objective] = to_value(value, kind)
+        values.setdefault(tid, {})[objective] = to_value(value, kinds[kind] if isinstance(kind, str) else kind)
     attrs_stmt = sa.select(u.c.trial_id, u.c.key, u.c.value_json).where(among(u.c.trial_id))
     if user_attrs is not None:
         attrs_stmt = attrs_stmt.where(u.c.key.in_(list(user_attrs)))
     attrs: dict[int, dict[str, Any]] = {}
-    for tid, key, value_json in conn.execute(attrs_stmt.order_by(u.c.trial_user_attribute_id)):
+    for tid, key, value_json in _driver_rows(conn, attrs_stmt.order_by(u.c.trial_user_attribute_id)):
         attrs.setdefault(tid, {})[key] = _attr(value_json)
     out = []
     for tid, number, state, start, done in sorted(rows, key=lambda r: r[1]):
@@ -664,7 +674,9 @@ def _read_trials(
                 "trial_id": tid,
                 "number": number,
                 "state": state.name if isinstance(state, TrialState) else str(state),
-                "values": [vals[k] for k in sorted(vals)] if vals else None,
+                "values": (list(vals.values()) if len(vals) == 1 else [vals[k] for k in sorted(vals)])
+                if vals
+                else None,
                 "params": params.get(tid, {}),
                 "datetime_start": start,
                 "datetime_complete": done,
@@ -672,6 +684,17 @@ def _read_trials(
             }
         )
     return out
+
+
+def _driver_rows(conn: sa.Connection, stmt: Any) -> list[Any]:
+    """A statement's rows as the database driver returns them, without SQLAlchemy's per-row ``Row`` and type
+    processing (half the CPU of a big export): only for columns of numbers and text, whose driver values are the
+    Python values (an Enum column comes back as its name)."""
+    result = conn.execute(stmt)
+    try:
+        return list(result.cursor.fetchall()) if result.cursor is not None else []
+    finally:
+        result.close()
 
 
 def flat_row(raw: dict[str, Any], names: Sequence[str], metrics: Sequence[str]) -> dict[str, Any]:
@@ -954,3 +977,44 @@ def complete_trials(
     ordered = sorted(trials.values(), key=lambda x: x.number)
     direction = info.directions[0] if info.directions else optuna.study.StudyDirection.MINIMIZE
     return TrialsView(info.user_attrs, direction, ordered, len(ids), seed)
+
+
+def finished_trials(storage_url: str, study: str, attrs_of: Container[int] = ()) -> list[dict[str, Any]]:
+    """Every finished trial of a study by SQL, as ``trial_id``, ``number`` and ``state`` (name) only, oldest first;
+    the trials whose ids are in ``attrs_of`` with their ``user_attrs`` too (``hpo run``'s all-failed check reads a
+    100,000-trial study in one pass of three columns, not as ``FrozenTrial`` s).
+
+    Raises:
+        StudyError: no such study.
+    """
+    t = models.TrialModel.__table__
+    done = [s for s in TrialState if s.is_finished()]
+    engine = _engine(storage_url)
+    try:
+        with engine.connect() as conn:
+            sid = _sid(conn, study, storage_url)
+            rows = [
+                {
+                    "trial_id": tid,
+                    "number": number,
+                    "state": state.name if isinstance(state, TrialState) else str(state),
+                }
+                for tid, number, state in conn.execute(
+                    sa.select(t.c.trial_id, t.c.number, t.c.state)
+                    .where(t.c.study_id == sid, t.c.state.in_(done))
+                    .order_by(t.c.trial_id)
+                )
+            ]
+            wanted = [r["trial_id"] for r in rows if r["trial_id"] in attrs_of]
+            u = models.TrialUserAttributeModel.__table__
+            attrs: dict[int, dict[str, Any]] = {}
+            for lo in range(0, len(wanted), 1000):  # IN lists of 1,000: within every backend's limits
+                stmt = sa.select(u.c.trial_id, u.c.key, u.c.value_json).where(u.c.trial_id.in_(wanted[lo : lo + 1000]))
+                for tid, key, value in conn.execute(stmt):
+                    attrs.setdefault(tid, {})[key] = _attr(value)
+    finally:
+        engine.dispose()
+    for r in rows:
+        if r["trial_id"] in attrs_of:
+            r["user_attrs"] = attrs.get(r["trial_id"], {})
+    return rows
