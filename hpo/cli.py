@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -127,10 +128,11 @@ def _is_file(study: str) -> bool:
 
 def _spec_and_url(study: str, storage: str | None) -> tuple[Any, str, str]:
     """(spec or None, storage URL, study name) for a study file path or a study name."""
-    from hpo.spec import load_spec
     from hpo.storage import resolve_url
 
     if _is_file(study):
+        from hpo.spec import load_spec  # pydantic: only for a file
+
         spec = load_spec(study)
         return spec, resolve_url(storage, spec.storage), spec.name
     return None, resolve_url(storage), study
@@ -377,12 +379,9 @@ def _start_child(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Po
 
 
 def _finished_ids(name: str, url: str) -> set[int]:
-    import optuna
+    from hpo import query
 
-    from hpo.storage import open_storage
-
-    study = optuna.load_study(study_name=name, storage=open_storage(url))
-    return {t._trial_id for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    return {t["trial_id"] for t in query.finished_trials(url, name)}  # ids by SQL: no FrozenTrial, no params
 
 
 #: Trials failed by their objective (it raised, or returned something that is not a number, or NaN), as opposed to
@@ -396,25 +395,22 @@ def _require_a_completed_trial(
     """A run whose trials all failed is no success: status 2, with the first failure's reason (one line).
 
     The run's trials: those finished since ``before`` (ids), and among those ``numbers`` when given."""
-    import optuna
-    from optuna.trial import TrialState
+    from hpo import query
 
-    from hpo.storage import open_storage
+    def is_mine(t: dict[str, Any]) -> bool:
+        return t["trial_id"] not in before and (numbers is None or t["number"] in numbers)
 
-    study = optuna.load_study(study_name=name, storage=open_storage(url))
-    mine = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state.is_finished() and t._trial_id not in before and (numbers is None or t.number in numbers)
-    ]
-    if any(t.state == TrialState.COMPLETE for t in mine):
+    finished = query.finished_trials(url, name)  # three columns by SQL, not every FrozenTrial
+    if any(t["state"] == "COMPLETE" and is_mine(t) for t in finished):
         return
-    failed = [t for t in mine if t.user_attrs.get("reason") in _OBJECTIVE_FAILURES]
+    ids = {t["trial_id"] for t in finished if is_mine(t)}  # none completed: their reasons, read for these alone
+    mine = [t for t in query.finished_trials(url, name, attrs_of=ids) if t["trial_id"] in ids]
+    failed = [t for t in mine if t["user_attrs"].get("reason") in _OBJECTIVE_FAILURES]
     if failed:
-        first = min(failed, key=lambda t: t.number)
-        why = first.user_attrs.get("error") or first.user_attrs.get("reason")
+        first = min(failed, key=lambda t: t["number"])
+        why = first["user_attrs"].get("error") or first["user_attrs"].get("reason")
         raise HpoError(
-            f"no trial completed: {len(failed)} of {len(mine)} failed; the first, trial #{first.number}: {why}"
+            f"no trial completed: {len(failed)} of {len(mine)} failed; the first, trial #{first['number']}: {why}"
         )
 
 
@@ -824,10 +820,6 @@ def _emit(
             out.print(text(fitted.note(), style="dim"), highlight=False)
 
 
-def _records(df: Any) -> list[dict[str, Any]]:
-    return [{k: _jsonable(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
-
-
 @app.command()
 @_user_errors
 def studies(
@@ -869,11 +861,11 @@ def trials(
     if fmt != OutputFormat.table:  # streamed by SQL, a chunk at a time: any size of study in bounded memory
         _stream_trials(url, name, fmt, state, limit, columns)
         return
-    df = query.trials(url, name, states=state, limit=limit)
-    every = list(df.columns)
-    if fmt == OutputFormat.table:
-        df = df.drop(columns=[c for c in ("datetime_start", "datetime_complete", "worker") if c in df])
-    _emit(_records(df), fmt, f"trials of {name}", list(df.columns), wanted=columns, all_columns=every)
+    names, metrics, raws = query.iter_trials(url, name, states=state, limit=limit, user_attrs=query.TRIAL_ATTRS)
+    every = query.trial_columns(names, metrics)
+    shown = [c for c in every if c not in ("datetime_start", "datetime_complete", "worker")]
+    rows = [query.flat_row(raw, names, metrics) for raw in raws]
+    _emit(rows, fmt, f"trials of {name}", shown, wanted=columns, all_columns=every)
 
 
 def _stream_trials(
@@ -900,16 +892,7 @@ def _stream_trials(
             first = False
         write("[]\n" if first else "\n]\n")
         return
-    every = [
-        "number",
-        "state",
-        *query._value_columns(metrics),
-        *(f"params_{n}" for n in names),
-        "datetime_start",
-        "datetime_complete",
-        "duration",
-        *query.TRIAL_ATTRS,
-    ]
+    every = query.trial_columns(names, metrics)
     chosen = pick(every, columns) if columns else every
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -925,7 +908,9 @@ def _stream_trials(
 
 
 def _csv_fast(v: Any) -> str:
-    """``csv_cell(v, _cell(v))`` with the common types (None, int, float, text) done inline: same text, 3x faster."""
+    """``csv_cell(v, _cell(v))`` with the common types (None, int, float, text, datetime) done inline: same text,
+    3x faster."""
+
     kind = type(v)
     if v is None:
         return ""
@@ -937,6 +922,8 @@ def _csv_fast(v: Any) -> str:
         return str(v)
     if kind is str:
         return csv_cell(v, v)
+    if kind is datetime:
+        return v.isoformat()
     return csv_cell(v, _cell(v))
 
 
@@ -957,14 +944,14 @@ def best(
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
-    rows = query.best(url, name, n=limit)
+    rows, names = query.best_and_params(url, name, n=limit)
     if not rows and fmt == OutputFormat.table:
         out.print(f"study {lit(name)}: no completed trial yet", highlight=False)
         return
     if fmt == OutputFormat.json:
         _emit(rows, fmt, "")
         return
-    names = query.study_params(url, name)  # columns from the study, not from the trials shown
+    # names: columns from the study, not from the trials shown
     flat = [
         {
             "number": r["number"],
@@ -1034,7 +1021,7 @@ def check(
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Check the study file's predictions against the COMPLETE trials: supported, refuted or not enough evidence."""
-    from hpo.report import check_study
+    from hpo.hypotheses import check_study  # not hpo.report: no plotly or pandas to load
 
     spec, url, name = _spec_and_url(study, storage)
     verdicts = check_study(url, name, spec)
