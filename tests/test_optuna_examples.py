@@ -196,6 +196,26 @@ def test_study_stop_in_the_objective_as_plain_optuna(postgres_url: str, study_na
     assert "stopped by study.stop() (in the objective or a callback) before the budget was met" in res.stdout
 
 
+def test_study_stop_stops_every_worker_and_a_later_run_goes_on(
+    postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """``trial.study.stop()`` in one worker's trial stops the fleet: the study records the trial's number and the
+    other worker stops before its next trial (without it, it ran on to the budget). As Optuna's ``optimize`` called
+    again goes on, a run started after the stop goes on to the budget."""
+    path = study_file(tmp_path / "s.yaml", study_name, "stops_at_two_slowly", 10, direction="maximize")
+    res = run(path, postgres_url)
+    assert res.returncode == 0, res.stderr
+    assert "stopped by study.stop()" in res.stdout
+    study = optuna.load_study(study_name=study_name, storage=postgres_url)
+    assert study._storage.get_study_system_attrs(study._study_id)["hpo:stopped_at"] == 2
+    trials = finished(study_name, postgres_url)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert 3 <= len(trials) <= 4, len(trials)  # trials 0-2, and at most the one the other worker had in flight
+    again = run(path, postgres_url)
+    assert again.returncode == 0, again.stderr
+    assert len(finished(study_name, postgres_url)) == 10
+
+
 def test_callbacks_are_code_a_worker_by_name_must_allow(postgres_url: str, study_name: str, tmp_path: Path) -> None:
     path = study_file(tmp_path / "t.yaml", study_name, "maximise_x", 1, callbacks=[f"{MODULE}:record"])
     assert hpo_cli("create", str(path), "--storage", postgres_url, env=ENV).returncode == 0
