@@ -105,6 +105,13 @@ def test_several_objectives_need_only_directions(postgres_url: str, study_name: 
     best = hpo_cli("best", study_name, "--storage", postgres_url, "-f", "json", env=ENV)
     assert best.returncode == 0, best.stderr
     assert sorted(r["number"] for r in json.loads(best.stdout)) == sorted(t.number for t in study.best_trials)
+    # the report speaks of this study's metrics, not of the training objective's accuracy and compute or its seeds
+    report = hpo_cli("report", study_name, "--storage", postgres_url, "-o", str(tmp_path / "r.html"), env=ENV)
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "<h2 id='pareto'>The Pareto front of values_0 and values_1</h2>" in page
+    assert "Accuracy against compute" not in page and "compute stops buying accuracy" not in page
+    assert "<th>seed</th>" not in page and "the random start of one training run" not in page
 
 
 # --------------------------------------------------------------------------- enqueue_trial
