@@ -230,6 +230,7 @@ def run(
         check_grace(grace, heartbeat)
     create(spec, url, grace=grace if grace is not None else 2 * heartbeat)
     before = _finished_ids(spec.name, url)  # this run's outcome: the trials that finish from now on
+    stop_mark = _stop_mark(spec.name, url)  # a study.stop() from now on stops this run (hpo.worker.single)
     budget = n_trials if n_trials is not None else spec.budget.n_trials
     if n_trials is None and "budget" not in spec.model_fields_set:
         err.print(
@@ -265,6 +266,7 @@ def run(
                 population=population, fault_opts=fault_opts,
                 references=(spec.objective.kind, *spec.callbacks, *spec.sampler.callables().values()),
             )  # fmt: skip
+            by_study = not stopped and _stop_mark(spec.name, url) != stop_mark
     _summary(spec.name, url)
     out.print(
         f"stored in {lit(mask(url))} (read it with: hpo trials {lit(shell_quote(spec.name))} "
@@ -376,6 +378,15 @@ def _start_child(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Po
         return subprocess.Popen(cmd, env=child_env, pass_fds=(read,), start_new_session=True)
     finally:
         os.close(read)
+
+
+def _stop_mark(name: str, url: str) -> Any:
+    """The study's record of the last ``study.stop()`` (:data:`hpo.worker.single.STOP_MARK`), or None."""
+    from hpo.storage import open_storage
+    from hpo.worker.single import STOP_MARK
+
+    storage = open_storage(url)
+    return storage.get_study_system_attrs(storage.get_study_id_from_name(name)).get(STOP_MARK)
 
 
 def _finished_ids(name: str, url: str) -> set[int]:

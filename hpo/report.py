@@ -13,8 +13,8 @@ table; a short glossary. A study with no COMPLETE trial gets an honest report sa
 ``optimizer``, ``grokking-curves``, ``grokking-steps``, ``curves``, ``importances``, ``history``, and ``pareto`` for
 a study with several objectives); the HTML id of each plot is ``plot-<key>``.
 
-A study with several objectives (``metrics:``) gets "Accuracy against compute: the Pareto front" first (Optuna's
-Pareto-front plot); its best-trials table is the front; the other figures show its first metric, and the importances
+A study with several objectives (``metrics:``) gets its Pareto front first (Optuna's Pareto-front plot; titled
+"Accuracy against compute" where one metric is an accuracy and another a cost, else by the metrics' names); its best-trials table is the front; the other figures show its first metric, and the importances
 are computed for each metric.
 
 Example:
@@ -909,7 +909,7 @@ def _glossary(ctx: _Study, verdicts: list[Verdict], figs: dict[str, go.Figure]) 
     terms = dict(_GLOSSARY)
     design = getattr(ctx.spec, "design", None)
     source = getattr(getattr(getattr(ctx.spec, "objective", None), "data", None), "source", None)
-    used = {"seed"}
+    used = {"seed"} if _seeded(ctx) else set()
     if design is not None:
         used.add("baseline")
         base = ", ".join(f"{_label(k)} {_val(v)}" for k, v in design.baseline.items())
@@ -1053,18 +1053,24 @@ def _config_table(ctx: _Study) -> str:
     )
 
 
+def _seeded(ctx: _Study) -> bool:
+    """Whether the study's trials carry hpo's training seed (a user's own objective's trials need not)."""
+    return any("seed" in t.user_attrs for t in ctx.complete)
+
+
 def _best_table(ctx: _Study) -> str:
     """The ten best trials; several objectives: every trial of the Pareto front, by the first metric."""
     top = ctx.front or sorted(filter(is_feasible, ctx.complete), key=lambda t: t.value, reverse=ctx.maximize)[:10]  # type: ignore[arg-type,return-value]
     names = sorted({k for t in top for k in t.params})
     metrics = ctx.metrics if ctx.multi else [ctx.metric]
     shared = any((t.user_attrs.get("population") or 1) > 1 for t in top)
+    seeded = _seeded(ctx)  # a user's own objective may have no seed of hpo's: no empty column
     # population mode trains a trial with others at once: its duration is the group's wall time, not its own
     head = [
         "trial",
         *metrics,
         *[_label(k) for k in names],
-        "seed",
+        *(["seed"] if seeded else []),
         "wall time, shared by its population (s)" if shared else "duration (s)",
     ]
     rows = []
@@ -1072,7 +1078,8 @@ def _best_table(ctx: _Study) -> str:
         steps = ctx.censor - ctx.spec.objective.eval_every if ctx.censor and ctx.spec else None  # type: ignore[union-attr]
         shown = [f"never (> {steps})" if _censored(ctx, t) else _sig(v) for v in t.values]
         cells = [str(t.number), *shown, *[_val(t.params.get(k)) for k in names]]
-        cells.append(_sig(t.user_attrs.get("seed")))
+        if seeded:
+            cells.append(_sig(t.user_attrs.get("seed")))
         cells.append(_sig(t.duration.total_seconds()) if t.duration is not None else "")
         rows.append("<tr>" + "".join(f"<td class='num'>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return (
@@ -1081,6 +1088,30 @@ def _best_table(ctx: _Study) -> str:
         + "</tr>"
         + "".join(rows)
         + "</table>"
+    )
+
+
+#: Words that make a metric a kind of accuracy, or a kind of cost (the training objective's metrics).
+_ACCURACY_WORDS = ("accuracy", "acc", "f1", "auc")
+_COST_WORDS = ("seconds", "time", "compute", "steps", "samples", "flops", "params", "latency", "memory")
+
+
+def _pareto_intro(ctx: _Study) -> str:
+    """The Pareto section's title and prose, in the study's own terms: accuracy against compute only where one metric
+    is an accuracy and another a cost; otherwise the metrics' names."""
+    lower = [m.lower() for m in ctx.metrics]
+    accuracy = any(any(w in m for w in _ACCURACY_WORDS) for m in lower)
+    cost = any(any(w in m for w in _COST_WORDS) for m in lower)
+    names = " and ".join(html.escape(visible(m)) for m in ctx.metrics[:3]) + (" ..." if len(ctx.metrics) > 3 else "")
+    title = "Accuracy against compute: the Pareto front" if accuracy and cost else f"The Pareto front of {names}"
+    bend = (
+        " Where the front bends is where more compute stops buying accuracy."
+        if accuracy and cost
+        else " Where the front bends, a little more of one metric starts to cost a lot of another."
+    )
+    return (
+        f"<h2 id='pareto'>{title}</h2><p>Each dot is a complete trial; the highlighted ones form the front: to do "
+        f"better in one metric than a trial on it, a trial has to do worse in another.{bend}</p>"
     )
 
 
@@ -1152,11 +1183,7 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         out.append("".join(_verdict_html(v) for v in verdicts))
     out.append("</div>")
     if "pareto" in figs:
-        out.append(
-            "<h2 id='pareto'>Accuracy against compute: the Pareto front</h2><p>Each dot is a complete trial; the "
-            "highlighted ones form the front: to do better in one metric than a trial on it, a trial has to do worse "
-            "in another. Where the front bends is where more compute stops buying accuracy.</p>"
-        )
+        out.append(_pareto_intro(ctx))
         out.append(_plot(figs, "pareto"))
     by_param: dict[str, list[Verdict]] = {}
     for v in verdicts:

@@ -118,6 +118,14 @@ def stops_at_two(trial: optuna.Trial) -> float:
     return trial.suggest_float("x", 0.0, 10.0)
 
 
+def stops_at_two_slowly(trial: optuna.Trial) -> float:
+    """As :func:`stops_at_two`, each trial taking 1 s, so that another worker is in flight when trial 2 stops."""
+    import time
+
+    time.sleep(1.0)
+    return stops_at_two(trial)
+
+
 # --------------------------------------------------------------------------- a long objective that never checks in
 
 

@@ -122,7 +122,7 @@ def test_run_with_two_workers_best_trials_report(tmp_path: Path, sqlite_url: str
     )
 
     page = write_report(sqlite_url, study_name, tmp_path / "mo.html").read_text()
-    assert page.index("Accuracy against compute: the Pareto front") < page.index('id="plot-pareto"')
+    assert page.index("The Pareto front of score and cost") < page.index('id="plot-pareto"')
     traces = _plotly_data(page, "plot-pareto")
     assert sum(len(t["x"]) for t in traces) == 12  # every complete trial drawn, the front apart
     assert [len(t["x"]) for t in traces if t["name"].startswith("Pareto front")] == [len(front)]  # highlighted

@@ -105,6 +105,13 @@ def test_several_objectives_need_only_directions(postgres_url: str, study_name: 
     best = hpo_cli("best", study_name, "--storage", postgres_url, "-f", "json", env=ENV)
     assert best.returncode == 0, best.stderr
     assert sorted(r["number"] for r in json.loads(best.stdout)) == sorted(t.number for t in study.best_trials)
+    # the report speaks of this study's metrics, not of the training objective's accuracy and compute or its seeds
+    report = hpo_cli("report", study_name, "--storage", postgres_url, "-o", str(tmp_path / "r.html"), env=ENV)
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "<h2 id='pareto'>The Pareto front of values_0 and values_1</h2>" in page
+    assert "Accuracy against compute" not in page and "compute stops buying accuracy" not in page
+    assert "<th>seed</th>" not in page and "the random start of one training run" not in page
 
 
 # --------------------------------------------------------------------------- enqueue_trial
@@ -194,6 +201,26 @@ def test_study_stop_in_the_objective_as_plain_optuna(postgres_url: str, study_na
     theirs = plain_optuna(examples.stops_at_two, 10, direction="maximize").trials
     assert [t.state for t in ours] == [t.state for t in theirs] == [TrialState.COMPLETE] * 3
     assert "stopped by study.stop() (in the objective or a callback) before the budget was met" in res.stdout
+
+
+def test_study_stop_stops_every_worker_and_a_later_run_goes_on(
+    postgres_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """``trial.study.stop()`` in one worker's trial stops the fleet: the study records the trial's number and the
+    other worker stops before its next trial (without it, it ran on to the budget). As Optuna's ``optimize`` called
+    again goes on, a run started after the stop goes on to the budget."""
+    path = study_file(tmp_path / "s.yaml", study_name, "stops_at_two_slowly", 10, direction="maximize")
+    res = run(path, postgres_url)
+    assert res.returncode == 0, res.stderr
+    assert "stopped by study.stop()" in res.stdout
+    study = optuna.load_study(study_name=study_name, storage=postgres_url)
+    assert study._storage.get_study_system_attrs(study._study_id)["hpo:stopped_at"] == 2
+    trials = finished(study_name, postgres_url)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert 3 <= len(trials) <= 4, len(trials)  # trials 0-2, and at most the one the other worker had in flight
+    again = run(path, postgres_url)
+    assert again.returncode == 0, again.stderr
+    assert len(finished(study_name, postgres_url)) == 10
 
 
 def test_callbacks_are_code_a_worker_by_name_must_allow(postgres_url: str, study_name: str, tmp_path: Path) -> None:

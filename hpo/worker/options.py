@@ -59,6 +59,8 @@ class WorkerResult:
     interrupted: bool = False
     reason: str = ""
     trials: list[int] = field(default_factory=list)
+    #: The number of the trial that called ``study.stop()``, when that is why this worker stopped.
+    stopped_by_trial: int | None = None
 
 
 def default_threads(local_workers: int = 1) -> int:

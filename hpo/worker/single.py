@@ -7,9 +7,10 @@ it, as Ctrl-C raises KeyboardInterrupt, and its trial is failed and re-queued at
 
 Callbacks. A study file's ``callbacks:`` are called ``cb(study, frozen_trial)`` after each trial this worker ran
 is stored, as Optuna's ``study.optimize(callbacks=...)`` calls them (not after a trial interrupted or re-queued: it
-runs again). ``trial.study.stop()`` in an objective or ``study.stop()`` in a callback stops this worker after the
-trial is stored, as it stops the ``optimize`` loop it is called in; other workers go on (a callback that reads the
-study, e.g. early stopping, stops each of them after its own next trial).
+runs again). ``trial.study.stop()`` in an objective or ``study.stop()`` in a callback stops the study's fleet: the
+worker that called it stops after the trial is stored and records the trial's number on the study (system attribute
+``hpo:stopped_at``); every worker that was running then stops before its next trial. As Optuna's ``optimize`` called
+again goes on, a worker or run started after the stop goes on too.
 """
 
 from __future__ import annotations
@@ -182,6 +183,9 @@ def run_worker(
     signals = _Signals(stop, opts.stop_timeout, study)
     interrupt = signals if opts.handle_signals and threading.current_thread() is threading.main_thread() else None
     study._thread_local.in_optimize_loop = True  # as in study.optimize: trial.study.stop() may be called
+    stopped_before = with_db_retry(
+        "read the study's stop mark", lambda: _stopped_at(study), opts.db_retry_for, storage_url
+    )
     with signals if opts.handle_signals else contextlib.nullcontext(), _leaving_loop(study):
         size = _population_size(spec, opts.population)
         if size > 1:  # population mode (issue 8) runs to the budget; the loop below then finds it met
@@ -197,6 +201,13 @@ def run_worker(
                 break
             if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
                 result.reason = "grid exhausted"
+                break
+            mark = with_db_retry(
+                "read the study's stop mark", lambda: _stopped_at(study), opts.db_retry_for, storage_url
+            )
+            if mark != stopped_before:  # another worker's trial called study.stop() since this worker started
+                result.reason = "stopped by study.stop()"
+                result.stopped_by_trial = mark
                 break
             trial = with_db_retry(
                 "ask for a trial",
@@ -241,6 +252,13 @@ def run_worker(
                 _call_back(callbacks, study, frozen)
             if study._stop_flag or getattr(trial.study, "_stop_flag", False):  # trial.study is this worker's view
                 result.reason = "stopped by study.stop()"
+                result.stopped_by_trial = frozen.number
+                with_db_retry(  # the fleet's stop: every other worker reads it before its next trial
+                    "record the study's stop",
+                    functools.partial(study._storage.set_study_system_attr, study._study_id, STOP_MARK, frozen.number),
+                    opts.db_retry_for,
+                    storage_url,
+                )
                 break
     if stop.is_set():
         result.interrupted = True
@@ -248,6 +266,15 @@ def run_worker(
     elif sweep is not None:
         sweep()
     return result
+
+
+#: The study's system attribute holding the number of the last trial that called ``study.stop()``.
+STOP_MARK = "hpo:stopped_at"
+
+
+def _stopped_at(study: optuna.Study) -> int | None:
+    """The number of the last trial that called ``study.stop()`` (None: never)."""
+    return study._storage.get_study_system_attrs(study._study_id).get(STOP_MARK)
 
 
 @contextlib.contextmanager
