@@ -1,0 +1,152 @@
+"""hpo's default search strategy (hpo.auto_sampler): the default, seeded, resumable, recorded on the study, cheap."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from hpo.auto_sampler import DECISION_ATTR, STRATEGY_ATTR, AutoSampler
+from hpo.samplers import make_sampler, seed_per_trial
+from hpo.spec import parse_spec
+
+from .conftest import hpo_cli, write_study
+
+SPACE = {
+    "lr": {"type": "float", "low": 0.001, "high": 1.0, "log": True},
+    "momentum": {"type": "float", "low": 0.0, "high": 0.99},
+}
+# 4 random trials, the GP up to trial 8, multivariate TPE after: every phase in 12 trials
+AUTO = {"seed": 0, "kwargs": {"n_startup_trials": 4, "gp_trials": 8}}
+BARE = {"name": "x", "direction": "minimize", "objective": {"kind": "tests.fast_objectives:quadratic"}, "space": SPACE}
+STRATEGY = "random for 4 trials, GP to trial 8, then multivariate TPE"
+
+
+def _file(tmp_path: Path, name: str) -> Path:
+    return write_study(
+        tmp_path / f"{name}.yaml",
+        "auto-draws",
+        objective={"kind": "tests.fast_objectives:quadratic", "steps": 1},
+        space=SPACE,
+        sampler=AUTO,  # no name: the default
+        budget={"n_trials": 12},
+        pruner={"name": "none"},
+    )
+
+
+def _system_attrs(study: optuna.Study) -> dict:
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def test_a_study_file_without_a_sampler_gets_auto() -> None:
+    spec = parse_spec(BARE)
+    assert spec.sampler.name == "auto"
+    assert isinstance(make_sampler(spec), AutoSampler)
+    named = parse_spec({**BARE, "sampler": {"name": "auto", "seed": 1}})
+    assert isinstance(make_sampler(named), AutoSampler)
+
+
+def test_auto_kwargs_are_checked() -> None:
+    from hpo.errors import SpecError
+
+    bad = parse_spec({**BARE, "sampler": {"kwargs": {"gp_trial": 3}}})
+    with pytest.raises(SpecError, match="sampler.kwargs"):
+        make_sampler(bad)
+
+
+def test_the_default_is_seeded_resumable_and_recorded(tmp_path: Path) -> None:
+    """A run resumed three times draws what one run straight through draws, through the random, GP and TPE phases;
+    the strategy is stored on the study and named by ``hpo studies``."""
+
+    def draws(name: str, *runs: list[str]) -> tuple[list[tuple[float, float]], optuna.Study]:
+        url = f"sqlite:///{tmp_path / f'{name}.db'}"
+        for args in runs:
+            res = hpo_cli("run", str(_file(tmp_path, name)), "--storage", url, *args)
+            assert res.returncode == 0, res.stderr
+        study = optuna.load_study(study_name="auto-draws", storage=url)
+        return [(t.params["lr"], t.params["momentum"]) for t in study.trials], study
+
+    resumed, _ = draws("resumed", ["--n-trials", "3"], ["--n-trials", "6"], ["--n-trials", "9"], [])
+    straight, study = draws("straight", [])
+    assert len(straight) == 12 and len(set(straight)) == 12, straight
+    assert resumed == straight
+    assert study.user_attrs[STRATEGY_ATTR] == STRATEGY
+    assert study.user_attrs["sampler"]["name"] == "auto"
+    assert _system_attrs(study)[DECISION_ATTR]["gp_until"] == 8
+    listed = hpo_cli("studies", "--storage", f"sqlite:///{tmp_path / 'straight.db'}", "-f", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert STRATEGY in listed.stdout
+
+
+def test_two_workers_draw_what_one_draws(tmp_path: Path) -> None:
+    """Two workers (each its own sampler, as two processes have) asking in turn draw what one worker draws, given
+    the same completion order: the GP's fitted state is not carried from one trial to the next."""
+    spec = parse_spec({**BARE, "name": "two", "sampler": AUTO})
+
+    def run(name: str, n_workers: int) -> list[tuple[float, float]]:
+        url = f"sqlite:///{tmp_path / f'{name}.db'}"
+        studies = [
+            optuna.create_study(study_name="two", storage=url, sampler=make_sampler(spec), load_if_exists=True)
+            for _ in range(n_workers)
+        ]
+        for i in range(12):
+            study = studies[i % n_workers]
+            trial = study.ask()
+            lr, m = trial.suggest_float("lr", 0.001, 1.0, log=True), trial.suggest_float("momentum", 0.0, 0.99)
+            study.tell(trial, (lr - 0.03) ** 2 + (m - 0.9) ** 2)
+        return [(t.params["lr"], t.params["momentum"]) for t in studies[0].trials]
+
+    one = run("one", 1)
+    assert run("pair", 2) == one
+    assert len(set(one)) == 12
+
+
+def _cheap(trial: optuna.Trial) -> float:
+    return (trial.suggest_float("x", -5, 5) - 1) ** 2 + trial.suggest_float("y", -5, 5) ** 2
+
+
+def test_cheap_trials_get_tpe_expensive_ones_the_gp_while_it_pays() -> None:
+    """Trials far shorter than ``gp_min_trial_s``: TPE once the startup trials are done. With every trial counted
+    as expensive enough (``gp_min_trial_s: 0``), the GP draws; its first draw takes more than 5 % of these
+    sub-millisecond trials, so the GP phase ends at the next trial, and that is stored."""
+    cheap = optuna.create_study(sampler=AutoSampler(seed=0, n_startup_trials=3))
+    cheap.optimize(_cheap, n_trials=6)
+    decided = _system_attrs(cheap)[DECISION_ATTR]
+    assert decided["gp_until"] == 0 and decided["decided_at"] == 3
+    assert cheap.user_attrs[STRATEGY_ATTR] == "random for 3 trials, then multivariate TPE"
+
+    costly = optuna.create_study(sampler=AutoSampler(seed=0, n_startup_trials=3, gp_min_trial_s=0.0))
+    costly.optimize(_cheap, n_trials=6)
+    decided = _system_attrs(costly)[DECISION_ATTR]
+    assert decided["decided_at"] == 3 and decided["gp_until"] == 4 and decided["switched"]
+    assert costly.user_attrs[STRATEGY_ATTR] == "random for 3 trials, GP to trial 4, then multivariate TPE"
+
+
+@pytest.mark.slow
+def test_sampler_time_at_1000_trials_within_budget() -> None:
+    """The default's own time over a 1,000-trial study of cheap trials: within the budget for trials under 0.4 s
+    (20 ms a trial, here the configured trial time: each trial sleeps 20 ms, so the sampler may take at most as long
+    as the trials sleep), and no more than plain TPE's, measured side by side."""
+    sleep_s, n = 0.02, 1000
+
+    def timed(sampler: optuna.samplers.BaseSampler) -> tuple[float, float]:
+        seed_per_trial(sampler, 0)
+        study = optuna.create_study(sampler=sampler)
+        asking = sleeping = 0.0
+        for _ in range(n):
+            start = time.perf_counter()
+            trial = study.ask()
+            x, y = trial.suggest_float("x", -5, 5), trial.suggest_float("y", -5, 5, log=False)
+            asking += time.perf_counter() - start
+            start = time.perf_counter()
+            time.sleep(sleep_s)
+            sleeping += time.perf_counter() - start
+            study.tell(trial, (x - 1) ** 2 + y**2)
+        return asking, sleeping
+
+    auto_s, auto_sleep = timed(AutoSampler(seed=0))
+    tpe_s, _ = timed(optuna.samplers.TPESampler(seed=0))
+    assert auto_s <= auto_sleep, (auto_s, auto_sleep)  # <= 20 ms a trial
+    assert auto_s <= 1.5 * tpe_s, (auto_s, tpe_s)
