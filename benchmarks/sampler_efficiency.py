@@ -25,6 +25,7 @@ Usage::
     python benchmarks/sampler_efficiency.py --problems sphere_mixed --methods tpe,auto --seeds 3
     python benchmarks/sampler_efficiency.py --cost                     # sampler ms/trial at 1,000 trials
     python benchmarks/sampler_efficiency.py --quick                    # seconds; what the test suite runs
+    python benchmarks/sampler_efficiency.py --table a.json,b.json      # one table from runs made apart
 """
 
 from __future__ import annotations
@@ -327,7 +328,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost", action="store_true", help="sampler ms/trial over 1,000 trials instead")
     ap.add_argument("--quick", action="store_true", help="2 problems, 2 seeds, small budget")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table", default=None, help="print the table of earlier runs' --json files (comma-separated)")
     args = ap.parse_args(argv)
+    if args.table:
+        once: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+        for f in args.table.split(","):  # a run made twice (two files) counts once: the first file's
+            for r in json.loads(Path(f).read_text())["runs"]:
+                once.setdefault((r["problem"], r["method"], r["in_flight"], r["seed"]), r)
+        rows = list(once.values())
+        order = list(METHODS)
+        configs = sorted({(r["method"], r["in_flight"]) for r in rows}, key=lambda c: (c[1], order.index(c[0])))
+        problems = [p for p in PROBLEMS if any(r["problem"] == p for r in rows)]
+        print_table(summarise(rows, problems, configs))
+        return 0
     if args.cost:
         for m in [m for m in args.methods.split(",") if m != "gp"]:
             r = cost(m)
@@ -353,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r} (known: {', '.join(METHODS)})")
-    parallel = [m for m in args.parallel_methods.split(",") if m in methods]
+    parallel = methods if args.quick else [m for m in args.parallel_methods.split(",") if m in methods]
     configs = [(m, 1) for m in methods if 1 in flights] + [(m, k) for k in flights if k > 1 for m in parallel]
     jobs = [(p, m, s, k, budget) for p in problems for m, k in configs for s in range(seeds)]
     jobs.sort(key=lambda j: j[1] in ("gp", "auto"), reverse=True)  # the slow ones first: the pool ends together

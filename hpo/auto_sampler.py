@@ -7,7 +7,8 @@ trials are expensive enough to pay for it, multivariate TPE otherwise and after 
   numbered below ``gp_until``: the fewest trials to a target on the benchmarks (``benchmarks/README.md``), but its own
   time grows with the trials it has seen (0.2-0.6 s a trial on one core up to 100 trials).
 * **TPE** (multivariate, grouped, constant liar: trials in flight are seen) from ``gp_until`` on, on a bounded window
-  of the study (:mod:`hpo.trial_cache`): a few ms a trial at any size.
+  of the study (its latest :data:`RECENT` finished trials, its :data:`BEST` best, those in flight; read incrementally
+  from a database by :mod:`hpo.trial_cache`): its cost per trial stops growing past ~250 trials.
 
 ``gp_until`` is decided by the study's trial cost, once, when the model first has ``n_startup_trials`` complete
 trials to learn from: the median duration of the complete trials; if 5 % of it (:data:`BUDGET_FRACTION`) covers the
@@ -25,18 +26,20 @@ warm start, is dropped before each trial so a resumed run fits what one straight
 
 from __future__ import annotations
 
+import heapq
 import statistics
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.trial_cache import windowed
+from hpo.trial_cache import WindowedSampler, _WindowStudy
 
 #: The study's system attribute holding the decision: ``{"gp_until": N, "median_trial_s": s, "decided_at": n}``.
 DECISION_ATTR = "hpo:auto"
@@ -48,6 +51,43 @@ BUDGET_FRACTION = 0.05
 GP_MIN_TRIAL_S = 10.0
 #: The most trials drawn by the GP; TPE after.
 MAX_GP_TRIALS = 100
+#: TPE's view of a study: its latest finished trials and its best complete ones (and those in flight). TPE's cost
+#: grows with the trials it sees (about 0.2 ms a trial seen, on one core); its "good" group is the best 25 at most.
+RECENT, BEST = 200, 50
+
+
+class _ListWindow:
+    """A study held in memory seen as :class:`hpo.trial_cache.TrialWindow` sees a database's: the ``recent`` last
+    finished trials, the ``best`` best complete ones, the unfinished ones (chosen once per trial)."""
+
+    def __init__(self, study: optuna.Study, recent: int, best: int) -> None:
+        every = study._get_trials(deepcopy=False, states=None, use_cache=False)
+        finished = [t for t in every if t.state == TrialState.COMPLETE or t.state == TrialState.PRUNED]
+        sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+        scored = [(sign * t._values[0], t.number, t) for t in finished if t.state == TrialState.COMPLETE and t._values]
+        chosen = {t.number: t for t in finished[-recent:]}
+        chosen.update((t.number, t) for _, _, t in heapq.nsmallest(best, scored))
+        chosen.update((t.number, t) for t in every if not t.state.is_finished())
+        self.chosen = [chosen[n] for n in sorted(chosen)]
+
+    def trials(self, states: Container[TrialState] | None) -> list[FrozenTrial]:
+        return [t for t in self.chosen if states is None or t.state in states]
+
+
+class _BoundedTPE(WindowedSampler):
+    """TPE on a bounded window of the study, in a database (:mod:`hpo.trial_cache`) or in memory."""
+
+    _memo: tuple[int, int, _ListWindow] | None = None
+
+    def _view(self, study: optuna.Study, trial: FrozenTrial | None) -> Any:
+        view = super()._view(study, trial)
+        if view is not study or study._is_multi_objective():
+            return view
+        memo = self._memo
+        if trial is None or memo is None or memo[:2] != (id(study), trial.number):
+            memo = (id(study), trial.number if trial is not None else -1, _ListWindow(study, self.recent, self.best))
+            self._memo = memo
+        return _WindowStudy(study, memo[2])  # type: ignore[arg-type]
 
 
 def describe(gp_until: int, n_startup: int) -> str:
@@ -86,7 +126,7 @@ class AutoSampler(optuna.samplers.BaseSampler):
                 seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True, constant_liar=True
             )  # fmt: skip
         self._tpe._random_sampler = self._random  # the same startup points whichever model follows
-        self._tpe_windowed = windowed(self._tpe)
+        self._tpe_windowed = _BoundedTPE(self._tpe, recent=RECENT, best=BEST)
         self._decision: dict[str, Any] | None = None
         self._phase: dict[int, str] = {}  # trial number -> "gp" or "tpe"
         self._lock = threading.Lock()

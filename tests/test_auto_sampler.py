@@ -13,6 +13,7 @@ from hpo.samplers import make_sampler, seed_per_trial
 from hpo.spec import parse_spec
 
 from .conftest import hpo_cli, write_study
+from .timing import ceiling
 
 SPACE = {
     "lr": {"type": "float", "low": 0.001, "high": 1.0, "log": True},
@@ -125,28 +126,47 @@ def test_cheap_trials_get_tpe_expensive_ones_the_gp_while_it_pays() -> None:
 
 
 @pytest.mark.slow
-def test_sampler_time_at_1000_trials_within_budget() -> None:
-    """The default's own time over a 1,000-trial study of cheap trials: within the budget for trials under 0.4 s
-    (20 ms a trial, here the configured trial time: each trial sleeps 20 ms, so the sampler may take at most as long
-    as the trials sleep), and no more than plain TPE's, measured side by side."""
-    sleep_s, n = 0.02, 1000
-
-    def timed(sampler: optuna.samplers.BaseSampler) -> tuple[float, float]:
+def test_sampler_time_at_1000_trials_within_plain_tpes() -> None:
+    """The default's own time over a 1,000-trial study of cheap trials, against plain Optuna TPE's measured side by
+    side (the two studies ask in turn, so both see the same load): no more over the study than 1.5x (the GP is not
+    used for cheap trials; TPE's grouping costs a little), and at the last 100 trials, where TPE reads 1,000 trials
+    and the default its bounded window of 250, no more than TPE. The budget in milliseconds is measured in
+    benchmarks/sampler_efficiency.py --cost, not here."""
+    n = 1000
+    samplers = {"auto": AutoSampler(seed=0), "tpe": optuna.samplers.TPESampler(seed=0)}
+    studies, took = {}, {name: [] for name in samplers}
+    for name, sampler in samplers.items():
         seed_per_trial(sampler, 0)
-        study = optuna.create_study(sampler=sampler)
-        asking = sleeping = 0.0
-        for _ in range(n):
+        studies[name] = optuna.create_study(sampler=sampler)
+    for _ in range(n):
+        for name, study in studies.items():
             start = time.perf_counter()
             trial = study.ask()
-            x, y = trial.suggest_float("x", -5, 5), trial.suggest_float("y", -5, 5, log=False)
-            asking += time.perf_counter() - start
-            start = time.perf_counter()
-            time.sleep(sleep_s)
-            sleeping += time.perf_counter() - start
+            x, y = trial.suggest_float("x", -5, 5), trial.suggest_float("y", -5, 5)
+            took[name].append(time.perf_counter() - start)
             study.tell(trial, (x - 1) ** 2 + y**2)
-        return asking, sleeping
+    assert studies["auto"].user_attrs[STRATEGY_ATTR] == "random for 10 trials, then multivariate TPE"
+    assert sum(took["auto"]) <= 1.5 * sum(took["tpe"]), (sum(took["auto"]), sum(took["tpe"]))
+    assert sum(took["auto"][-100:]) <= sum(took["tpe"][-100:]), (sum(took["auto"][-100:]), sum(took["tpe"][-100:]))
 
-    auto_s, auto_sleep = timed(AutoSampler(seed=0))
-    tpe_s, _ = timed(optuna.samplers.TPESampler(seed=0))
-    assert auto_s <= auto_sleep, (auto_s, auto_sleep)  # <= 20 ms a trial
-    assert auto_s <= 1.5 * tpe_s, (auto_s, tpe_s)
+
+def test_the_sampler_benchmark_runs_quick(tmp_path: Path) -> None:
+    """benchmarks/sampler_efficiency.py --quick: every run counted, the table written."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "quick.json"
+    res = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "sampler_efficiency.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=ceiling(300),
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(out.read_text())
+    assert len(got["runs"]) == 2 * 2 * 2 * 2  # problems x methods x in flight x seeds
+    assert {r["method"] for r in got["table"]} == {"tpe", "auto_cheap", "tpe@8", "auto_cheap@8"}
+    assert all(1 <= r["trials"] <= 30 for r in got["runs"])
+    assert "| sphere_mixed (0.3) | tpe |" in res.stdout
