@@ -57,8 +57,9 @@ def test_auto_kwargs_are_checked() -> None:
         make_sampler(bad)
 
 
+@pytest.mark.slow
 def test_the_default_is_seeded_resumable_and_recorded(tmp_path: Path) -> None:
-    """A run resumed three times draws what one run straight through draws, through the random, GP and TPE phases;
+    """A run resumed draws what one run straight through draws, through the random, GP and TPE phases;
     the strategy is stored on the study and named by ``hpo studies``."""
 
     def draws(name: str, *runs: list[str]) -> tuple[list[tuple[float, float]], optuna.Study]:
@@ -69,7 +70,7 @@ def test_the_default_is_seeded_resumable_and_recorded(tmp_path: Path) -> None:
         study = optuna.load_study(study_name="auto-draws", storage=url)
         return [(t.params["lr"], t.params["momentum"]) for t in study.trials], study
 
-    resumed, _ = draws("resumed", ["--n-trials", "3"], ["--n-trials", "6"], ["--n-trials", "9"], [])
+    resumed, _ = draws("resumed", ["--n-trials", "6"], [])  # stopped inside the GP phase, resumed
     straight, study = draws("straight", [])
     assert len(straight) == 12 and len(set(straight)) == 12, straight
     assert resumed == straight
