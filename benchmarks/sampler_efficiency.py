@@ -316,6 +316,29 @@ def print_table(table: list[dict[str, Any]]) -> None:
         )
 
 
+def print_goals(table: list[dict[str, Any]]) -> None:
+    """Per problem, the issue's ratios: the default over plain TPE, over the best of TPE and GP, and with trials in
+    flight over itself sequential (medians; "-" where a run is missing)."""
+    med = {(r["problem"], r["method"]): r["median"] for r in table}
+
+    def ratio(p: str, a: str, b: str | list[str]) -> str:
+        bs = [b] if isinstance(b, str) else b
+        got = [med[(p, x)] for x in bs if (p, x) in med]
+        return f"{med[(p, a)] / min(got):.2f}" if (p, a) in med and got else "-"
+
+    print(
+        "| problem | auto / tpe | auto / best of tpe, gp | auto_cheap / tpe | auto@8 / auto | auto@32 / auto "
+        "| tpe@8 / tpe | tpe@32 / tpe |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for p in dict.fromkeys(r["problem"] for r in table):
+        print(
+            f"| {p} | {ratio(p, 'auto', 'tpe')} | {ratio(p, 'auto', ['tpe', 'gp'])} | {ratio(p, 'auto_cheap', 'tpe')} | "
+            f"{ratio(p, 'auto@8', 'auto')} | {ratio(p, 'auto@32', 'auto')} | {ratio(p, 'tpe@8', 'tpe')} | "
+            f"{ratio(p, 'tpe@32', 'tpe')} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default=",".join(PROBLEMS))
@@ -333,13 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         once: dict[tuple[str, str, int, int], dict[str, Any]] = {}
         for f in args.table.split(","):  # a run made twice (two files) counts once: the first file's
+            if not Path(f).exists():
+                print(f"(no {f} yet)", file=sys.stderr)
+                continue
             for r in json.loads(Path(f).read_text())["runs"]:
                 once.setdefault((r["problem"], r["method"], r["in_flight"], r["seed"]), r)
         rows = list(once.values())
         order = list(METHODS)
         configs = sorted({(r["method"], r["in_flight"]) for r in rows}, key=lambda c: (c[1], order.index(c[0])))
         problems = [p for p in PROBLEMS if any(r["problem"] == p for r in rows)]
-        print_table(summarise(rows, problems, configs))
+        table = summarise(rows, problems, configs)
+        print_table(table)
+        print()
+        print_goals(table)
         return 0
     if args.cost:
         for m in [m for m in args.methods.split(",") if m != "gp"]:
@@ -397,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {m}: {METHODS[m][0]}")
     print()
     print_table(table)
+    print()
+    print_goals(table)
     if args.json is not None:
         args.json.write_text(json.dumps({"runs": rows, "table": table}, indent=1))
     return 0
