@@ -80,6 +80,10 @@ def test_the_default_is_seeded_resumable_and_recorded(tmp_path: Path) -> None:
     listed = hpo_cli("studies", "--storage", f"sqlite:///{tmp_path / 'straight.db'}", "-f", "json")
     assert listed.returncode == 0, listed.stderr
     assert STRATEGY in listed.stdout
+    page = tmp_path / "report.html"
+    made = hpo_cli("report", "auto-draws", "--storage", f"sqlite:///{tmp_path / 'straight.db'}", "-o", str(page))
+    assert made.returncode == 0, made.stderr
+    assert f"Search: {STRATEGY}" in page.read_text()
 
 
 def test_two_workers_draw_what_one_draws(tmp_path: Path) -> None:
@@ -126,7 +130,6 @@ def test_cheap_trials_get_tpe_expensive_ones_the_gp_while_it_pays() -> None:
     assert costly.user_attrs[STRATEGY_ATTR] == "random for 3 trials, GP to trial 4, then multivariate TPE"
 
 
-@pytest.mark.slow
 def test_sampler_time_at_1000_trials_within_plain_tpes() -> None:
     """The default's own time over a 1,000-trial study of cheap trials, against plain Optuna TPE's measured side by
     side (the two studies ask in turn, so both see the same load): no more over the study than 1.5x (the GP is not
