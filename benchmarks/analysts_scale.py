@@ -1,12 +1,18 @@
 """The analysts' commands on a big study: ``hpo studies/best/trials/check/importance/report`` against Optuna's own.
 
 Usage: python benchmarks/analysts_scale.py postgresql+psycopg://postgres@127.0.0.1:5432/test [n_trials]
+       [--before DIR]  (DIR: a checkout of an earlier hpo, e.g. ``git archive <commit> hpo | tar -x -C DIR``; its
+       commands run in the same session, on the same study, as a "before" column)
 
 Creates a scratch database next to the given one (SQLite: a file in a temporary folder), creates a study with
 Optuna and fills it by SQL (``executemany`` into Optuna's tables: 100,000 trials in seconds, where
 ``Study.add_trials`` takes minutes), times each CLI command as a subprocess with its peak RSS (``wait4``), and the
 same answers through plain Optuna (``study.trials_dataframe()``, ``get_param_importances``, ``study.best_trial``)
-in a subprocess too, prints a table with the ratio, and drops the scratch database.
+in a subprocess too, prints a table with the ratio, and drops the scratch database. ``hpo check`` reads a study
+file with two predictions about the study's parameters. The dashboard rows time optuna-dashboard's own API (the study
+list, one study's page) served by ``hpo dashboard`` and by optuna-dashboard's ``run_server`` on the same study.
+CPU seconds (user + system of the command's process, from ``wait4``) are the figure that the machine's load moves
+least; every process is capped at ``ANALYSTS_MEMORY_GB`` (default 6) of address space.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -126,10 +134,20 @@ def _scratch(url: str) -> tuple[str, sa.Engine | None, str]:
     return u.set(database=db).render_as_string(hide_password=False), admin, db
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None, limit: float = 600) -> tuple[float, float, int, bool]:
-    """Run ``cmd``: (seconds, its peak RSS in MB, bytes written on stdout, finished within ``limit`` seconds)."""
+def _cap_memory() -> None:
+    cap = int(float(os.environ.get("ANALYSTS_MEMORY_GB", "6")) * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def timed(
+    cmd: list[str], env: dict[str, str] | None = None, limit: float = 600, cwd: str | None = None
+) -> tuple[float, float, int, str, float]:
+    """Run ``cmd``: (seconds, its peak RSS in MB, bytes written on stdout, how it ended: "" when it finished,
+    "killed" past ``limit`` seconds, "failed" otherwise (e.g. over the memory cap), CPU seconds)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cwd, preexec_fn=_cap_memory
+    )
     killer = threading.Timer(limit, proc.kill)
     killer.start()
     out_bytes = 0
@@ -140,9 +158,57 @@ def timed(cmd: list[str], env: dict[str, str] | None = None, limit: float = 600)
     killer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
-    if proc.returncode not in (0, -9):
-        raise RuntimeError(f"{cmd[:4]}... exited {proc.returncode}")
-    return seconds, usage.ru_maxrss / 1024, out_bytes, proc.returncode == 0
+    ended = "" if proc.returncode == 0 else ("killed" if proc.returncode == -9 else "failed")
+    return seconds, usage.ru_maxrss / 1024, out_bytes, ended, usage.ru_utime + usage.ru_stime
+
+
+CHECK_FILE = """name: {name}
+direction: maximize
+metric: val_accuracy
+objective:
+  kind: training
+  data: {{source: spirals, n_train: 400, n_val: 100, seed: 0}}
+  model: {{kind: mlp, layers: [10], activation: relu}}
+  loss: mse
+space:
+  lr: {{type: float, low: 0.0001, high: 1.0, log: true}}
+  layers: {{type: int, low: 1, high: 8}}
+predictions:
+  - {{param: lr, claim: interior_optimum}}
+  - {{param: layers, claim: decreasing}}
+"""
+
+
+def dashboard_times(
+    cmd: list[str], port: int, paths: list[str], limit: float, env: dict[str, str] | None = None, cwd: str | None = None
+) -> list[tuple[float, int] | None]:
+    """Start a dashboard server, GET each path once (seconds, bytes; None: no answer within ``limit``), stop it."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd, preexec_fn=_cap_memory
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/api/meta", timeout=10).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    return [None] * len(paths)
+                time.sleep(0.5)
+        out: list[tuple[float, int] | None] = []
+        for path in paths:
+            t = time.perf_counter()
+            try:
+                body = urllib.request.urlopen(base + path, timeout=limit).read()
+                out.append((time.perf_counter() - t, len(body)))
+            except OSError:
+                out.append(None)
+        return out
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 OPTUNA_SNIPPETS = {
@@ -171,21 +237,36 @@ def _optuna(url: str, name: str, what: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def main(url: str, n: int) -> None:
+def _cell(seconds: float, mb: float, ended: str, limit: float, cpu: float | None = None) -> str:
+    if ended == "killed":
+        return f"killed at {limit:.0f} | | {mb:.0f}"
+    if ended == "failed":
+        return f"failed ({mb:.0f} MB: over the memory cap?) | | {mb:.0f}"
+    return f"{seconds:.2f} | {cpu:.2f} | {mb:.0f}" if cpu is not None else f"{seconds:.1f} | | {mb:.0f}"
+
+
+def main(url: str, n: int, before: str | None = None) -> None:
     scratch, admin, db = _scratch(url)
     name = "analysts-scale"
     try:
         t = time.perf_counter()
         build_study(scratch, name, n)
         print(f"built {n} trials by SQL in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        if admin is not None:  # fresh planner statistics, as autovacuum would gather them on a live database
+            analyze = sa.create_engine(scratch, isolation_level="AUTOCOMMIT")
+            with analyze.connect() as conn:
+                conn.execute(sa.text("ANALYZE"))
+            analyze.dispose()
         hpo = [sys.executable, "-m", "hpo"]
         env = {**os.environ, "HPO_STORAGE": scratch}
         folder = Path(tempfile.mkdtemp(prefix="hpo-report-"))
+        check_file = folder / "check.yaml"
+        check_file.write_text(CHECK_FILE.format(name=name))
         rows = [
             ("hpo studies", hpo + ["studies"], "studies"),
             ("hpo best", hpo + ["best", name], "best"),
             ("hpo trials -n 20", hpo + ["trials", name, "-n", "20"], "trials_head"),
-            ("hpo check", hpo + ["check", name], None),
+            ("hpo check (2 predictions)", hpo + ["check", str(check_file)], None),
             ("hpo trials -f csv", hpo + ["trials", name, "-f", "csv"], "csv"),
             ("hpo trials -f json", hpo + ["trials", name, "-f", "json"], None),
             ("hpo importance", hpo + ["importance", name], "importance"),
@@ -193,20 +274,26 @@ def main(url: str, n: int) -> None:
         ]
         skip_optuna = os.environ.get("ANALYSTS_SKIP_OPTUNA", "").split(",")
         print(f"{n} trials, {make_url(url).get_backend_name()}", flush=True)
-        print("| command | hpo s | hpo peak MB | Optuna's own | Optuna s | Optuna peak MB | ratio |")
-        print("|---|---|---|---|---|---|---|")
+        was = "| before s | before CPU s | before peak MB " if before else ""
+        print(f"| command {was}| hpo s | hpo CPU s | hpo peak MB | Optuna's own | Optuna s | Optuna peak MB | ratio |")
+        print("|---" * (8 + (3 if before else 0)) + "|")
         limit = float(os.environ.get("ANALYSTS_LIMIT_S", "300"))
         for label, cmd, theirs in rows:
-            s, mb, size, _ = timed(cmd, env, limit)
+            then = ""
+            if before:
+                bs, bmb, _, bend, bcpu = timed(cmd, env, limit, cwd=before)
+                then = f"| {_cell(bs, bmb, bend, limit, bcpu)} "
+            s, mb, size, ended, cpu = timed(cmd, env, limit)
             extra = f" ({size / 2**20:.1f} MB out)" if "-f" in cmd else ""
             if theirs and theirs not in skip_optuna:
-                os_, omb, _, done = timed(_optuna(scratch, name, theirs), limit=limit)
-                took = f"{os_:.1f}" if done else f"killed at {limit:.0f}"
-                ratio = f"{os_ / s:.1f}x" if done else f"> {limit / s:.0f}x"
-                other = f"| `{OPTUNA_SNIPPETS[theirs]}` | {took} | {omb:.0f} | {ratio} |"
+                os_, omb, _, oend, _ = timed(_optuna(scratch, name, theirs), limit=limit)
+                ratio = f"{os_ / s:.1f}x" if not oend else f"> {limit / s:.0f}x"
+                other = f"| `{OPTUNA_SNIPPETS[theirs]}` | {_cell(os_, omb, oend, limit).split(' | ')[0]} | {omb:.0f} | {ratio} |"
             else:
                 other = "| - | | | |"
-            print(f"| `{label}`{extra} | {s:.2f} | {mb:.0f} {other}", flush=True)
+            print(f"| `{label}`{extra} {then}| {_cell(s, mb, ended, limit, cpu)} {other}", flush=True)
+        if "dashboard" not in skip_optuna:
+            _dashboards(scratch, env, limit, before)
     finally:
         if admin is not None:
             with admin.connect() as conn:
@@ -214,5 +301,33 @@ def main(url: str, n: int) -> None:
             admin.dispose()
 
 
+def _dashboards(scratch: str, env: dict[str, str], limit: float, before: str | None) -> None:
+    """optuna-dashboard's API on the study: served by ``hpo dashboard`` (and the earlier hpo) and by itself."""
+    paths = ["/api/studies", "/api/studies/1"]
+    port = 18000 + os.getpid() % 1000
+    ours = [sys.executable, "-m", "hpo", "dashboard", "--port", str(port)]
+    bare = [
+        sys.executable,
+        "-c",
+        f"import optuna_dashboard; optuna_dashboard.run_server({scratch!r}, host='127.0.0.1', port={port})",
+    ]
+    runs = [("hpo dashboard", ours, None)]
+    if before:
+        runs.insert(0, ("hpo dashboard (before)", ours, before))
+    runs.append(("optuna_dashboard.run_server", bare, None))
+    print("\n| dashboard | " + " | ".join(f"GET {p} s (MB)" for p in paths) + " |")
+    print("|---" * (1 + len(paths)) + "|")
+    for label, cmd, cwd in runs:
+        got = dashboard_times(cmd, port, paths, limit, env, cwd)
+        cells = [f"{x[0]:.2f} ({x[1] / 2**20:.1f})" if x else f"no answer in {limit:.0f}" for x in got]
+        print(f"| `{label}` | " + " | ".join(cells) + " |", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 100_000)
+    args = sys.argv[1:]
+    earlier = None
+    if "--before" in args:
+        i = args.index("--before")
+        earlier = str(Path(args[i + 1]).resolve())
+        del args[i : i + 2]
+    main(args[0], int(args[1]) if len(args) > 1 else 100_000, earlier)

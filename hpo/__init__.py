@@ -11,25 +11,53 @@ __version__ = "0.1.0"
 
 import importlib
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Optuna imports tqdm.auto, which in a Jupyter kernel without ipywidgets warns on import; hpo shows no tqdm bar
 warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
 
-from hpo.api import run  # noqa: E402
-from hpo.errors import HpoError, SpecError, StorageError, StudyError  # noqa: E402
-from hpo.spec import StudySpec, load_spec, parse_spec  # noqa: E402
-from hpo.storage import mask, open_storage, resolve_url  # noqa: E402
-from hpo.worker import WorkerOptions, WorkerResult, create, run_worker  # noqa: E402
+if TYPE_CHECKING:
+    from hpo.api import run
+    from hpo.errors import HpoError, SpecError, StorageError, StudyError
+    from hpo.spec import StudySpec, load_spec, parse_spec
+    from hpo.storage import mask, open_storage, resolve_url
+    from hpo.worker import WorkerOptions, WorkerResult, create, run_worker
 
-#: submodules that ``hpo.<name>`` imports on first use (plotly, pandas and scipy stay out of ``import hpo``)
+#: public names -> the module that defines them, imported on first use: ``import hpo`` (and so every ``hpo``
+#: command's start) loads none of optuna, SQLAlchemy, pydantic, pandas, plotly or torch until a name needs them
+_NAMES = {
+    "run": "api",
+    "HpoError": "errors",
+    "SpecError": "errors",
+    "StorageError": "errors",
+    "StudyError": "errors",
+    "StudySpec": "spec",
+    "load_spec": "spec",
+    "parse_spec": "spec",
+    "mask": "storage",
+    "open_storage": "storage",
+    "resolve_url": "storage",
+    "WorkerOptions": "worker",
+    "WorkerResult": "worker",
+    "create": "worker",
+    "run_worker": "worker",
+}
+#: submodules that ``hpo.<name>`` imports on first use
 _LAZY = ("query", "report")
 
 
 def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"hpo.{_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
     if name in _LAZY:
         return importlib.import_module(f"hpo.{name}")
     raise AttributeError(f"module 'hpo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NAMES, *_LAZY])
 
 
 __all__ = [

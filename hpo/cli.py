@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -107,8 +107,6 @@ def _user_errors(fn: F) -> F:
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False) -> None:
-    import optuna
-
     from hpo.checks import check_not_shadowed
 
     try:
@@ -116,10 +114,9 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log mo
     except HpoError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    from hpo.logs import setup
+
+    setup(verbose)
 
 
 def _is_file(study: str) -> bool:
@@ -131,10 +128,11 @@ def _is_file(study: str) -> bool:
 
 def _spec_and_url(study: str, storage: str | None) -> tuple[Any, str, str]:
     """(spec or None, storage URL, study name) for a study file path or a study name."""
-    from hpo.spec import load_spec
     from hpo.storage import resolve_url
 
     if _is_file(study):
+        from hpo.spec import load_spec  # pydantic: only for a file
+
         spec = load_spec(study)
         return spec, resolve_url(storage, spec.storage), spec.name
     return None, resolve_url(storage), study
@@ -243,6 +241,7 @@ def run(
     threads = threads or getattr(spec.objective, "threads", None) or default_threads(workers)  # the file's, if set
     from hpo.progress import StudyProgress
 
+    by_study = False  # one worker says why it stopped; several are quiet children
     with StudyProgress(spec.name, url, budget, console=err) as poll:
         if workers == 1:
             opts = WorkerOptions(
@@ -259,10 +258,12 @@ def run(
             )
             result = run_worker(spec, url, opts)
             stopped = result.interrupted
+            by_study = result.reason == "stopped by study.stop()"
         else:
             stopped = _run_processes(
                 study_file, url, workers, threads, device, n_trials, timeout, heartbeat, grace, max_retry, poll,
-                population=population, fault_opts=fault_opts, objective=spec.objective.kind,
+                population=population, fault_opts=fault_opts,
+                references=(spec.objective.kind, *spec.callbacks, *spec.sampler.callables().values()),
             )  # fmt: skip
     _summary(spec.name, url)
     out.print(
@@ -271,6 +272,12 @@ def run(
         highlight=False,
         soft_wrap=True,
     )
+    if by_study:  # as Optuna's optimize returns: not an error, and nothing to resume
+        out.print(
+            "stopped by study.stop() (in the objective or a callback) before the budget was met",
+            highlight=False,
+            soft_wrap=True,
+        )
     if stopped:
         out.print("stopped before the budget was met; run the same command again to resume")
         raise typer.Exit(STOPPED_EXIT)
@@ -291,7 +298,7 @@ def _run_processes(
     poll: Callable[[], None],
     population: str | None = None,
     fault_opts: dict[str, float] | None = None,
-    objective: str = "",
+    references: tuple[str, ...] = (),
 ) -> bool:
     # -P: the working folder is not put first on the children's import path (a typer.py there would run in each);
     # a user's objective is imported from where this process found it, appended last (hpo.trust.PATH_ENV)
@@ -310,9 +317,10 @@ def _run_processes(
     from hpo.trust import PATH_ENV, objective_root
 
     env = {**os.environ}
-    root = objective_root(objective)
-    if root is not None:
-        env[PATH_ENV] = os.pathsep.join(p for p in (root, os.environ.get(PATH_ENV)) if p)
+    roots = [objective_root(ref) for ref in references]  # the objective, callbacks, sampler functions
+    roots = [r for r in dict.fromkeys(roots) if r is not None]
+    if roots:
+        env[PATH_ENV] = os.pathsep.join(p for p in (*roots, os.environ.get(PATH_ENV)) if p)
     # Own process groups: a Ctrl-C reaches the workers once, forwarded, not twice (which would exit them at once).
     procs = [_start_child(cmd, env, url) for _ in range(workers)]
     received: list[int] = []
@@ -371,12 +379,9 @@ def _start_child(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Po
 
 
 def _finished_ids(name: str, url: str) -> set[int]:
-    import optuna
+    from hpo import query
 
-    from hpo.storage import open_storage
-
-    study = optuna.load_study(study_name=name, storage=open_storage(url))
-    return {t._trial_id for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    return {t["trial_id"] for t in query.finished_trials(url, name)}  # ids by SQL: no FrozenTrial, no params
 
 
 #: Trials failed by their objective (it raised, or returned something that is not a number, or NaN), as opposed to
@@ -390,25 +395,22 @@ def _require_a_completed_trial(
     """A run whose trials all failed is no success: status 2, with the first failure's reason (one line).
 
     The run's trials: those finished since ``before`` (ids), and among those ``numbers`` when given."""
-    import optuna
-    from optuna.trial import TrialState
+    from hpo import query
 
-    from hpo.storage import open_storage
+    def is_mine(t: dict[str, Any]) -> bool:
+        return t["trial_id"] not in before and (numbers is None or t["number"] in numbers)
 
-    study = optuna.load_study(study_name=name, storage=open_storage(url))
-    mine = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state.is_finished() and t._trial_id not in before and (numbers is None or t.number in numbers)
-    ]
-    if any(t.state == TrialState.COMPLETE for t in mine):
+    finished = query.finished_trials(url, name)  # three columns by SQL, not every FrozenTrial
+    if any(t["state"] == "COMPLETE" and is_mine(t) for t in finished):
         return
-    failed = [t for t in mine if t.user_attrs.get("reason") in _OBJECTIVE_FAILURES]
+    ids = {t["trial_id"] for t in finished if is_mine(t)}  # none completed: their reasons, read for these alone
+    mine = [t for t in query.finished_trials(url, name, attrs_of=ids) if t["trial_id"] in ids]
+    failed = [t for t in mine if t["user_attrs"].get("reason") in _OBJECTIVE_FAILURES]
     if failed:
-        first = min(failed, key=lambda t: t.number)
-        why = first.user_attrs.get("error") or first.user_attrs.get("reason")
+        first = min(failed, key=lambda t: t["number"])
+        why = first["user_attrs"].get("error") or first["user_attrs"].get("reason")
         raise HpoError(
-            f"no trial completed: {len(failed)} of {len(mine)} failed; the first, trial #{first.number}: {why}"
+            f"no trial completed: {len(failed)} of {len(mine)} failed; the first, trial #{first['number']}: {why}"
         )
 
 
@@ -552,7 +554,7 @@ def worker(
     elif not quiet:
         if spec is not None:  # a file that disagrees with the stored study: its error is the only line
             create(spec, url)
-        opts.on_trial = trial_log = TrialLog(spec.metric_names if spec is not None else "value")
+        opts.on_trial = trial_log = TrialLog(spec.metric_names if spec is not None else _stored_metrics(name, url))
         from hpo.render import visible
         from hpo.storage import mask
 
@@ -575,6 +577,24 @@ def worker(
         raise typer.Exit(STOPPED_EXIT)  # stopped by a signal before the budget: engines run it again
     if require_complete and result.ran and not result.complete:
         _require_a_completed_trial(name, url, numbers=set(result.trials))
+
+
+def _stored_metrics(name: str, url: str) -> list[str]:
+    """A stored study's metric names for its trial lines (``value`` where it cannot be read now: the worker says
+    why when it loads the study)."""
+    import optuna
+
+    from hpo.progress import metric_names
+    from hpo.storage import open_storage
+
+    try:
+        storage = open_storage(url, retry_for=0)
+        try:
+            return metric_names(optuna.load_study(study_name=name, storage=storage))
+        finally:
+            storage.engine.dispose()
+    except Exception:
+        return ["value"]
 
 
 @app.command()
@@ -654,7 +674,7 @@ def enqueue(
     from hpo.space import encode_params
     from hpo.spec import check_params
 
-    problem = check_params(spec.space, params)  # before anything is stored
+    problem = check_params(spec.space, params, own_names=":" in spec.objective.kind)  # before anything is stored
     if problem:
         raise StudyError(f"--param {problem}")
     s.enqueue_trial(encode_params(params), user_attrs={"enqueued": True})
@@ -800,10 +820,6 @@ def _emit(
             out.print(text(fitted.note(), style="dim"), highlight=False)
 
 
-def _records(df: Any) -> list[dict[str, Any]]:
-    return [{k: _jsonable(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
-
-
 @app.command()
 @_user_errors
 def studies(
@@ -847,11 +863,11 @@ def trials(
     if fmt != OutputFormat.table:  # streamed by SQL, a chunk at a time: any size of study in bounded memory
         _stream_trials(url, name, fmt, state, limit, columns)
         return
-    df = query.trials(url, name, states=state, limit=limit)
-    every = list(df.columns)
-    if fmt == OutputFormat.table:
-        df = df.drop(columns=[c for c in ("datetime_start", "datetime_complete", "worker") if c in df])
-    _emit(_records(df), fmt, f"trials of {name}", list(df.columns), wanted=columns, all_columns=every)
+    names, metrics, raws = query.iter_trials(url, name, states=state, limit=limit, user_attrs=query.TRIAL_ATTRS)
+    every = query.trial_columns(names, metrics)
+    shown = [c for c in every if c not in ("datetime_start", "datetime_complete", "worker")]
+    rows = [query.flat_row(raw, names, metrics) for raw in raws]
+    _emit(rows, fmt, f"trials of {name}", shown, wanted=columns, all_columns=every)
 
 
 def _stream_trials(
@@ -878,16 +894,7 @@ def _stream_trials(
             first = False
         write("[]\n" if first else "\n]\n")
         return
-    every = [
-        "number",
-        "state",
-        *query._value_columns(metrics),
-        *(f"params_{n}" for n in names),
-        "datetime_start",
-        "datetime_complete",
-        "duration",
-        *query.TRIAL_ATTRS,
-    ]
+    every = query.trial_columns(names, metrics)
     chosen = pick(every, columns) if columns else every
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -903,7 +910,9 @@ def _stream_trials(
 
 
 def _csv_fast(v: Any) -> str:
-    """``csv_cell(v, _cell(v))`` with the common types (None, int, float, text) done inline: same text, 3x faster."""
+    """``csv_cell(v, _cell(v))`` with the common types (None, int, float, text, datetime) done inline: same text,
+    3x faster."""
+
     kind = type(v)
     if v is None:
         return ""
@@ -915,6 +924,8 @@ def _csv_fast(v: Any) -> str:
         return str(v)
     if kind is str:
         return csv_cell(v, v)
+    if kind is datetime:
+        return v.isoformat()
     return csv_cell(v, _cell(v))
 
 
@@ -935,14 +946,14 @@ def best(
     from hpo import query
 
     _, url, name = _spec_and_url(study, storage)
-    rows = query.best(url, name, n=limit)
+    rows, names = query.best_and_params(url, name, n=limit)
     if not rows and fmt == OutputFormat.table:
         out.print(f"study {lit(name)}: no completed trial yet", highlight=False)
         return
     if fmt == OutputFormat.json:
         _emit(rows, fmt, "")
         return
-    names = query.study_params(url, name)  # columns from the study, not from the trials shown
+    # names: columns from the study, not from the trials shown
     flat = [
         {
             "number": r["number"],
@@ -1012,7 +1023,7 @@ def check(
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Check the study file's predictions against the COMPLETE trials: supported, refuted or not enough evidence."""
-    from hpo.report import check_study
+    from hpo.hypotheses import check_study  # not hpo.report: no plotly or pandas to load
 
     spec, url, name = _spec_and_url(study, storage)
     verdicts = check_study(url, name, spec)
@@ -1100,6 +1111,58 @@ def dashboard(
 
 
 # --------------------------------------------------------------------------- database roles (issue 7)
+
+ckpt_app = typer.Typer(help="Checkpoints of preemption-safe trials.", no_args_is_help=True)
+app.add_typer(ckpt_app, name="checkpoints")
+
+
+@ckpt_app.command("prune")
+@_user_errors
+def checkpoints_prune(
+    study: Annotated[str, typer.Argument(help="Study name or file.")],
+    storage: StorageOpt = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--dir", help="The checkpoint folder (default: $HPO_CHECKPOINT_DIR, else the study file's)."),
+    ] = None,
+    orphans_only: Annotated[
+        bool, typer.Option("--orphans-only", help="Keep the checkpoints finished trials kept (keep: true).")
+    ] = False,
+) -> None:
+    """Remove the checkpoints no trial will resume from: those of complete and pruned trials, of failed trials
+    without a re-queued copy, and files a killed write left; a running or waiting trial's are never touched. Only in
+    a folder this side names (--dir, $HPO_CHECKPOINT_DIR or the study file given), never one read from the database."""
+    from hpo.checkpoint_folder import DIR_ENV
+    from hpo.storage import open_storage
+    from hpo.worker import load
+
+    spec, url, name = _spec_and_url(study, storage)
+    cfg = getattr(spec.objective, "checkpoint", None) if spec is not None else None
+    if folder is None:
+        named = os.environ.get(DIR_ENV) or (cfg.path if cfg is not None and cfg.store == "filesystem" else None)
+        if named is None:
+            raise HpoError(
+                f"checkpoints prune: which folder? give --dir or set {DIR_ENV} (a folder named by the database is "
+                "never used)"
+            )
+        folder = Path(named)
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise HpoError(f"checkpoints prune: {folder}: no such folder")
+    from hpo.objectives.checkpoints import FolderStore, sweep
+
+    store = FolderStore(folder)  # a folder of this user that nobody else can write, or one line
+    st = open_storage(url)
+    s, _ = load(name, st)
+    swept = sweep(s, store, keep=orphans_only)
+    out.print(
+        f"removed {swept.removed} checkpoint file(s), {swept.removed_bytes / 2**20:.3f} MB, of study {lit(name)} "
+        f"from {lit(folder)}; {swept.live} left for running or waiting trials"
+        + (f", {swept.kept} kept by finished trials" if orphans_only else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+
 
 db_app = typer.Typer(help="Set up a shared study database: the worker and analyst roles.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

@@ -70,7 +70,7 @@ _ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 READ_ONLY_TABLES = ("version_info", "alembic_version")
 #: Tables from which a worker may delete rows, and why.
 DELETE_TABLES = ("trial_user_attributes",)  # hpo.storage.set_trial_user_attrs: delete + insert of a trial's keys
-#: Passwords that hpo ships as placeholders (deploy/k8s/00-secret.yaml, .env.example, the README's by-hand SQL):
+#: Passwords that hpo ships as placeholders (deploy/k8s/examples/secret.yaml, .env.example, the README's by-hand SQL):
 #: anyone who read the repository knows them, so ``hpo db init`` refuses them (compared case-insensitively).
 PLACEHOLDER_PASSWORDS = frozenset(
     {

@@ -415,6 +415,8 @@ def check_prediction(study: optuna.Study, prediction: Prediction, seed: int = 0)
         "plot": plot_id(name),
     }
     source = f"the {name} sweep of the design" if swept else "every complete trial"
+    if not swept and getattr(study, "sampled", False):  # query.TrialsView of a big study
+        source = f"{study.used:,} of {study.total:,} complete trials, drawn uniformly at random (seed {study.seed})"
     if n < MIN_TRIALS:
         return Verdict(
             verdict=UNKNOWN,
@@ -489,3 +491,38 @@ def check_prediction(study: optuna.Study, prediction: Prediction, seed: int = 0)
 def check(study: optuna.Study, predictions: list[Prediction], seed: int = 0) -> list[Verdict]:
     """Check every prediction; see the module docstring for the rules."""
     return [check_prediction(study, p, seed=seed) for p in predictions]
+
+
+def predictions_of(user_attrs: dict[str, Any], study_name: str, spec: Any = None) -> list[Prediction]:
+    """The predictions of ``spec`` (a :class:`hpo.spec.StudySpec`), else of the study file stored with the study
+    (its ``hpo:spec`` user attribute; none where it does not parse)."""
+    from hpo.errors import SpecError
+    from hpo.spec import parse_spec
+
+    if spec is not None:
+        return list(spec.predictions)
+    stored = user_attrs.get("hpo:spec")  # where hpo.worker.study stores the study file (its SPEC_ATTR)
+    if stored is None:
+        return []
+    try:
+        return list(parse_spec(stored, f"stored study {study_name!r}").predictions)
+    except SpecError:
+        return []
+
+
+def check_study(storage_url: str, study_name: str, spec: Any = None, seed: int = 0) -> list[Verdict]:
+    """Verdicts on the predictions of ``spec`` (or of the study file stored with the study), read by SQL: only the
+    predicted parameters of the COMPLETE trials, and beyond :data:`hpo.query.SAMPLE_SIZE` of them a uniform random
+    sample (seed 0; every trial of a design sweep kept) that each verdict's ``evidence["source"]`` states
+    (:func:`hpo.query.complete_trials`): time and memory bounded whatever the study's size.
+
+    Raises:
+        StudyError: no such study.
+    """
+    from hpo import query
+
+    preds = predictions_of(query.study_user_attrs(storage_url, study_name), study_name, spec)
+    if not preds:
+        return []
+    view = query.complete_trials(storage_url, study_name, sorted({p.param for p in preds}), seed=seed)
+    return check(view, preds, seed=seed)  # type: ignore[arg-type]

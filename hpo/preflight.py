@@ -19,7 +19,8 @@ from hpo.spec import IdxData, StudySpec
 def preflight(spec: StudySpec, source: str) -> None:
     """Raise :class:`SpecError` (``source: field: reason``) for what would fail only once the study exists.
 
-    Checks: a ``module:function`` objective imports and names a callable; an ``idx`` data folder exists and can be
+    Checks: a ``module:function`` objective, each of ``callbacks:`` and a sampler's callable keyword argument import
+    and name a callable that takes what Optuna passes; an ``idx`` data folder exists and can be
     read; a filesystem checkpoint folder can be written (a probe file is written and removed): an unwritable one
     failed every trial in 0.1 s and the worker reported the budget met.
     """
@@ -31,6 +32,14 @@ def preflight(spec: StudySpec, source: str) -> None:
             resolve(kind)
         except SpecError as exc:
             raise SpecError(f"{source}: {exc}") from None
+    from hpo.samplers import sampler_callables
+    from hpo.user_code import callbacks
+
+    try:
+        callbacks(spec.callbacks)
+        sampler_callables(spec)
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     data = getattr(spec.objective, "data", None)
     if isinstance(data, IdxData):
         folder = Path(data.path).expanduser()

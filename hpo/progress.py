@@ -50,7 +50,8 @@ def metric_names(study: Any) -> list[str]:
 
 
 def trial_line(t: FrozenTrial, metric: str | list[str] = "value") -> str:
-    """``trial 3 COMPLETE val_accuracy=0.8734 in 1.2s`` (+ ``reason=...``, and the error of a failed trial); several
+    """``trial 3 COMPLETE val_accuracy=0.8734 in 1.2s`` (+ ``reason=...``, ``resumed_from=...`` and
+    ``checkpoint_rejected=...`` of a re-queued copy, and the error of a failed trial); several
     objectives: ``val_accuracy=0.61 train_seconds=1.2``, one per name of ``metric``."""
     parts = [f"trial {t.number} {t.state.name}"]
     names = [metric] if isinstance(metric, str) else metric
@@ -61,6 +62,11 @@ def trial_line(t: FrozenTrial, metric: str | list[str] = "value") -> str:
     reason = t.user_attrs.get("reason")
     if reason:
         parts.append(f"reason={visible(reason)}")
+    if t.user_attrs.get("resumed_from") is not None:  # a re-queued copy that went on from its checkpoint
+        parts.append(f"resumed_from={visible(t.user_attrs['resumed_from'])}")
+    rejected = t.user_attrs.get("checkpoint_rejected")
+    if rejected:
+        parts.append(f"checkpoint_rejected={visible(str(rejected)[:200])!r}")
     error = t.user_attrs.get("error")
     if error and t.state == TrialState.FAIL:
         parts.append(f"error={visible(str(error).splitlines()[0][:200])!r}")
@@ -128,7 +134,8 @@ class StudyProgress:
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             console=self.console,
-            transient=False,
+            # off a terminal (a log file) the final line is printed whole by __exit__, not cut at 80 columns
+            transient=not self.console.is_terminal,
         )
 
     def __enter__(self) -> Callable[[], None]:
@@ -196,6 +203,9 @@ class StudyProgress:
         finally:
             if self.handle is None:
                 self.bar.stop()
+                if not self.console.is_terminal:  # the elapsed time at its end included, whatever the name's length
+                    wide = Console(file=self.console.file, width=10_000, color_system=None, force_terminal=False)
+                    wide.print(self.bar.make_tasks_table(self.bar.tasks))
 
 
 __all__ = ["TRIAL_LOG", "StudyProgress", "TrialLog", "metric_names", "trial_line", "trial_logger"]

@@ -41,7 +41,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
-from hpo import query
+from hpo import hypotheses, query
 from hpo.errors import HpoError, SpecError
 from hpo.hypotheses import Verdict, check, claim_words
 from hpo.progress import metric_names
@@ -89,15 +89,14 @@ def _predictions(study: optuna.Study, spec: StudySpec | None) -> list[Prediction
 
 
 def check_study(storage_url: str, study_name: str, spec: StudySpec | None = None) -> list[Verdict]:
-    """Verdicts on the predictions of ``spec`` (or of the study file stored with the study).
+    """Verdicts on the predictions of ``spec`` (or of the study file stored with the study):
+    :func:`hpo.hypotheses.check_study` (by SQL; a big study's verdicts from a uniform sample, stated).
 
     Raises:
         StudyError: no such study.
         SpecError: a prediction about a parameter not in the study's space.
     """
-    study = query.load_study(storage_url, study_name)
-    preds = _predictions(study, spec)
-    return check(study, preds)
+    return hypotheses.check_study(storage_url, study_name, spec)
 
 
 # --------------------------------------------------------------------------- what the figures need

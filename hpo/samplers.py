@@ -30,8 +30,12 @@ _CLASSES: dict[str, str] = {
 }
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, callables: bool = True) -> optuna.samplers.BaseSampler:
     """Build the study file's sampler.
+
+    ``callables``: import the sampler's ``module:function`` keyword arguments (``constraints_func: mod:fn``); False
+    where the file is the database's word and unchecked (:func:`hpo.worker.load`: ``hpo enqueue``, ``hpo reap``): the
+    sampler is built without them, and a worker adds them once :mod:`hpo.trust` allowed them.
 
     Example:
         ``sampler: {name: tpe, seed: 0, kwargs: {multivariate: true, constant_liar: true}}``
@@ -47,6 +51,10 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     else:
         cls = getattr(optuna.samplers, _CLASSES[s.name])
     kwargs: dict[str, Any] = dict(s.kwargs)
+    for key in spec.sampler.callables():  # user code: imported only where the caller trusts the file
+        kwargs.pop(key)
+    if callables:
+        kwargs.update(sampler_callables(spec))
     if s.seed is not None:
         kwargs["seed"] = s.seed
     if s.name == "grid":
@@ -62,6 +70,8 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         raise SpecError(f"sampler.kwargs: {exc}") from None
     except ValueError as exc:
         raise SpecError(f"sampler.kwargs: {exc}") from None
+    except Exception as exc:  # whatever else Optuna's constructor raises on a value it cannot take: one line
+        raise SpecError(f"sampler.kwargs: {type(exc).__name__}: {exc}") from None
 
 
 def _random_states(obj: Any, depth: int = 0) -> list[Any]:
@@ -93,3 +103,21 @@ def seed_per_trial(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
         before(study, trial)
 
     sampler.before_trial = types.MethodType(before_trial, sampler)  # type: ignore[method-assign]
+
+
+def sampler_callables(spec: StudySpec) -> dict[str, Any]:
+    """The sampler's ``module:function`` keyword arguments (:data:`hpo.spec.CALLABLE_KWARGS`), imported and checked
+    to take one argument (``constraints_func(trial)``, ``gamma(n)``, ``weights(n)``).
+
+    Raises:
+        SpecError: one line naming the field (``sampler.kwargs.constraints_func: ...``).
+    """
+    from hpo.user_code import check_call, import_callable
+
+    found: dict[str, Any] = {}
+    for key, ref in spec.sampler.callables().items():
+        field = f"sampler.kwargs.{key}"
+        fn = import_callable(ref, field)
+        check_call(fn, ref, field, f"{key}({'trial' if key == 'constraints_func' else 'n'})", None)
+        found[key] = fn
+    return found

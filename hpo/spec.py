@@ -33,6 +33,7 @@ from hpo.limits import (
     MAX_POPULATION,
     MAX_YAML_NODES,
 )
+from hpo.user_code import REFERENCE
 
 Scalar = Union[bool, int, float, str]
 
@@ -265,7 +266,8 @@ class TrainDefaults(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    """Preemption-safe trials (``hpo.checkpoints``): where and how often a training trial saves its state."""
+    """Preemption-safe trials (``hpo.objectives.checkpoints``): where and how often a training or grokking trial saves
+    its state."""
 
     #: Save at the end of every ``every_epochs``-th epoch; with ``every_steps`` also every that many steps.
     every_epochs: int = Field(1, ge=1)
@@ -314,6 +316,15 @@ class GrokkingObjective(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: str = "cpu"
+    #: Preemption-safe trials: saved every ``every_steps`` steps (default: every evaluation) and when stopped.
+    checkpoint: CheckpointSpec | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: CheckpointSpec | None) -> CheckpointSpec | None:
+        if v is not None and v.every_epochs != 1:
+            raise ValueError("grokking trials count steps, not epochs: use every_steps")
+        return v
 
     @field_validator("threshold")
     @classmethod
@@ -368,12 +379,34 @@ PRUNERS: tuple[str, ...] = (
 )
 
 
+#: Sampler keyword arguments that Optuna calls (``constraints_func(trial)``, TPE's ``gamma(n)`` and ``weights(n)``):
+#: written ``module:function`` in a study file, imported where the sampler is built, under the trust rules of
+#: objectives (:mod:`hpo.trust`).
+CALLABLE_KWARGS: tuple[str, ...] = ("constraints_func", "gamma", "weights")
+
+
 class SamplerSpec(_Strict):
     #: ``auto`` (the default): hpo's strategy, GP while trials are expensive, multivariate TPE otherwise
     #: (:mod:`hpo.auto_sampler`)
     name: Literal["auto", "tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2", "nsgaii", "nsga3"] = "auto"
     seed: int | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _callables(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import re
+
+        for key in CALLABLE_KWARGS:
+            if key in v and not (isinstance(v[key], str) and re.match(REFERENCE, v[key])):
+                raise ValueError(
+                    f"{key}: Optuna calls it, so name a function as module:function (got {_short(v[key])})"
+                )
+        return v
+
+    def callables(self) -> dict[str, str]:
+        """The keyword arguments that name a user's function (``module:function``), by keyword."""
+        return {k: self.kwargs[k] for k in CALLABLE_KWARGS if k in self.kwargs}
 
 
 class PrunerSpec(_Strict):
@@ -491,13 +524,20 @@ def _short(v: Any) -> str:
     return short.repr(v)
 
 
-def check_params(space: dict[str, Any], params: Any) -> str | None:
+def check_params(space: dict[str, Any], params: Any, own_names: bool = False) -> str | None:
     """Why fixed parameters (an ``enqueue:`` entry, ``hpo enqueue -p``) do not fit ``space``, as
-    ``name: reason``; ``None`` when they fit. Checks names, types, ranges and choices; missing names are drawn."""
+    ``name: reason``; ``None`` when they fit. Checks names, types, ranges and choices; missing names are drawn.
+
+    ``own_names``: a user's objective (``module:function``) suggests parameters of its own; a name outside ``space``
+    is handed to its ``trial.suggest_*`` call as Optuna's ``enqueue_trial`` does (a number, string or boolean)."""
     if not isinstance(params, dict):
         return f"{type(params).__name__}: write a mapping of parameter names to values"
     for name, v in params.items():
         p = space.get(name) if isinstance(name, str) else None
+        if p is None and own_names and isinstance(name, str) and name not in space:
+            if not isinstance(v, bool | int | float | str) or (_is_number(v) and not -1e308 < v < 1e308):
+                return f"{name}: give a number, a string or a boolean (got {_short(v)})"
+            continue
         if p is None and (not isinstance(name, str) or name not in space):
             return f"{name}: not in the study's space (known: {', '.join(space) or 'none'})"
         if isinstance(p, IntParam | FloatParam):
@@ -552,15 +592,29 @@ class StudySpec(_Strict):
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     budget: Budget = Field(default_factory=lambda: Budget(n_trials=20))
     enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_DESIGN_TRIALS)
+    #: ``module:function`` callbacks, called ``cb(study, frozen_trial)`` after each trial as Optuna's
+    #: ``study.optimize(callbacks=...)`` calls them (:mod:`hpo.worker.single`).
+    callbacks: list[str] = Field(default_factory=list, max_length=32)
     predictions: list[Prediction] = Field(default_factory=list)
     population: PopulationSpec | None = None
     design: DesignSpec | None = None
+
+    @field_validator("callbacks")
+    @classmethod
+    def _references(cls, v: list[str]) -> list[str]:
+        import re
+
+        for i, ref in enumerate(v):
+            if not re.match(REFERENCE, ref):
+                raise ValueError(f"{i}: write module:function, a function called cb(study, trial) (got {_short(ref)})")
+        return v
 
     @model_validator(mode="before")
     @classmethod
     def _user_objective_defaults(cls, data: Any) -> Any:
         """A user's own objective (``kind: module:function``): ``direction`` is required (its value may be a loss or a
-        score) and its metric is called ``value`` unless the file names it; the other defaults are the training's."""
+        score) and its metric is called ``value`` unless the file names it (several objectives: ``values_0``,
+        ``values_1``, ... as in Optuna's ``trials_dataframe``); the other defaults are the training's."""
         if isinstance(data, dict) and ({"directions", "metrics"} & data.keys()):
             both = sorted({"direction", "metric"} & data.keys())
             if both:
@@ -568,6 +622,12 @@ class StudySpec(_Strict):
                     f"{both[0]}: give either direction:/metric: (one objective) or directions:/metrics: "
                     "(several), not both"
                 )
+            custom = isinstance(data.get("objective"), dict | CustomObjective) and (
+                _objective_tag(data["objective"]) == "custom"
+            )
+            if custom and "metrics" not in data and isinstance(data.get("directions"), list):
+                # Optuna needs only directions; the values' names are those of Optuna's trials_dataframe
+                data = {**data, "metrics": [f"values_{i}" for i in range(len(data["directions"]))]}
             for key, other in (("directions", "metrics"), ("metrics", "directions")):
                 if key not in data:
                     raise ValueError(f"{key}: required with {other}: (one entry per objective, in the same order)")
@@ -625,7 +685,7 @@ class StudySpec(_Strict):
                     f"(known: {', '.join(sorted(known))})"
                 )
         for i, params in enumerate(self.enqueue):
-            problem = check_params(self.space, params)
+            problem = check_params(self.space, params, own_names=":" in self.objective.kind)
             if problem:
                 raise ValueError(f"enqueue.{i}.{problem}")
         opt = self.space.get("optimizer")
@@ -760,7 +820,9 @@ def _format_error(err: dict[str, Any]) -> str:
         ctx = err.get("ctx", {})
         msg = f"unknown {ctx.get('discriminator', 'kind').strip(chr(39))} {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
     head, sep, rest = msg.partition(": ")
-    if sep and head.isidentifier() and loc:  # a model validator naming one of its fields: "low: must be > 0"
+    if (
+        sep and (head.isidentifier() or head.isdigit()) and loc
+    ):  # a model validator naming one of its fields: "low: must be > 0"
         return f"{loc}.{head}: {rest}"
     if sep and "." in head and not loc:  # a study-level check naming a full path: "space.x.when: ..."
         return msg

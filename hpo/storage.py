@@ -32,7 +32,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus, unquote
 
 import optuna
@@ -44,6 +44,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from hpo.errors import StorageError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_URL = "sqlite:///hpo.db"
 #: Connections one process holds at most on a server database: Optuna's session, the heartbeat thread and the
@@ -413,33 +414,43 @@ def open_storage(
     callback = None
     if heartbeat_interval is not None:
         callback = retry_callback(max_retry)
+
+    def make() -> optuna.storages.RDBStorage:
+        with _quiet_optuna():
+            storage = optuna.storages.RDBStorage(
+                _without_prepare_threshold(url),
+                engine_kwargs=engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=callback,
+                skip_table_creation=read_only,
+                skip_compatibility_check=read_only,
+            )
+        if _is_sqlite(parsed) and not read_only:
+            sqlalchemy.event.listen(storage.engine, "connect", _sqlite_synchronous_normal)
+            storage.engine.dispose()  # connections opened while creating the tables: reopened with the pragma
+        elif not _is_sqlite(parsed):
+            _ping_idle_connections(storage.engine)
+            if _pooler_check_wanted(parsed):
+                sqlalchemy.event.listen(storage.engine, "connect", _no_prepared_statements_behind_a_proxy(parsed))
+                storage.engine.dispose()  # connections opened while creating the tables: reopened, checked
+            if not read_only:
+                ensure_lock_table(storage.engine)
+        return storage
+
+    return _retrying(url, retry_for, make)
+
+
+def _retrying(url: str, retry_for: float | None, make: Callable[[], _T]) -> _T:
+    """``make()``, retried while the database is unreachable for ``retry_for`` seconds (default:
+    ``$HPO_CONNECT_RETRY_FOR``, else 10); every failure as one :class:`StorageError` line."""
     if retry_for is None:
         retry_for = float(os.environ.get("HPO_CONNECT_RETRY_FOR", "10"))
     deadline = time.monotonic() + retry_for
     delay = 0.5
     while True:
         try:
-            with _quiet_optuna():
-                storage = optuna.storages.RDBStorage(
-                    _without_prepare_threshold(url),
-                    engine_kwargs=engine_kwargs(url),
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=callback,
-                    skip_table_creation=read_only,
-                    skip_compatibility_check=read_only,
-                )
-            if _is_sqlite(parsed) and not read_only:
-                sqlalchemy.event.listen(storage.engine, "connect", _sqlite_synchronous_normal)
-                storage.engine.dispose()  # connections opened while creating the tables: reopened with the pragma
-            elif not _is_sqlite(parsed):
-                _ping_idle_connections(storage.engine)
-                if _pooler_check_wanted(parsed):
-                    sqlalchemy.event.listen(storage.engine, "connect", _no_prepared_statements_behind_a_proxy(parsed))
-                    storage.engine.dispose()  # connections opened while creating the tables: reopened, checked
-                if not read_only:
-                    ensure_lock_table(storage.engine)
-            return storage
+            return make()
         except (NoSuchModuleError, ImportError) as exc:
             raise StorageError(f"no database driver for {mask(url)}: {scrub(str(exc), url)}") from None
         except (ArgumentError, ValueError) as exc:
@@ -921,8 +932,14 @@ def open_read_only(url: str, *, retry_for: float | None = None) -> optuna.storag
         StorageError: as :func:`open_storage`.
     """
     storage = open_storage(url, read_only=True, retry_for=retry_for)
-    driver = storage.engine.url.get_driver_name()
-    stmt = _READ_ONLY_SQL.get(storage.engine.url.get_backend_name())
+    _read_only_sessions(storage.engine)
+    return storage
+
+
+def _read_only_sessions(engine: sqlalchemy.Engine) -> None:
+    """Every later connection of ``engine`` reads only (see :func:`open_read_only`)."""
+    driver = engine.url.get_driver_name()
+    stmt = _READ_ONLY_SQL.get(engine.url.get_backend_name())
     if stmt is not None:
 
         def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
@@ -938,6 +955,36 @@ def open_read_only(url: str, *, retry_for: float | None = None) -> optuna.storag
                 cur.close()
             dbapi_conn.commit()
 
-        sqlalchemy.event.listen(storage.engine, "connect", _read_only_session)
-        storage.engine.dispose()  # connections opened before the listener are dropped
-    return storage
+        sqlalchemy.event.listen(engine, "connect", _read_only_session)
+        engine.dispose()  # connections opened before the listener are dropped
+
+
+def read_engine(url: str, *, retry_for: float | None = None) -> sqlalchemy.Engine:
+    """A bare SQLAlchemy engine for analysts' SQL on Optuna's tables, read-only as :func:`open_read_only` is (SQLite
+    ``mode=ro``, READ ONLY transactions) with the same settings, retries and error lines, but without Optuna's
+    ``RDBStorage`` (its schema-version bookkeeping, Alembic included, costs a few hundred ms per command).
+
+    Raises:
+        StorageError: as :func:`open_storage`.
+    """
+    parsed = _parse(url)
+    if _is_sqlite(parsed):
+        _prepare_sqlite(parsed, True)
+        if _sqlite_path(parsed):
+            url = f"sqlite:///file:{Path(_sqlite_path(parsed)).resolve()}?mode=ro&uri=true"
+
+    def make() -> sqlalchemy.Engine:
+        kwargs = engine_kwargs(url)
+        if parsed.get_backend_name() == "mysql":
+            kwargs["pool_pre_ping"] = True  # as Optuna's RDBStorage sets it
+        engine = sqlalchemy.create_engine(_without_prepare_threshold(url), **kwargs)
+        if not _is_sqlite(parsed):
+            _ping_idle_connections(engine)
+            if _pooler_check_wanted(parsed):
+                sqlalchemy.event.listen(engine, "connect", _no_prepared_statements_behind_a_proxy(parsed))
+        _read_only_sessions(engine)
+        with engine.connect():  # the first connection: a refused login or an unreachable server fails here
+            pass
+        return engine
+
+    return _retrying(url, retry_for, make)

@@ -5,7 +5,8 @@ that file and refuses a differing stored copy; a worker given only the study NAM
 from it the search space, budget, sampler, pruner and the built-in objectives' settings, but no code and no path:
 
 * a ``module:function`` objective runs only when the worker's side names it: ``--objective`` or
-  ``HPO_ALLOW_OBJECTIVES`` (``mod:fn,other.mod:*``);
+  ``HPO_ALLOW_OBJECTIVES`` (``mod:fn,other.mod:*``); so do ``callbacks:`` and a sampler's callable keyword
+  arguments (``constraints_func: mod:fn``), under the same list;
 * a filesystem checkpoint store only when ``HPO_CHECKPOINT_DIR`` gives the folder (the stored path is never used);
   a bucket only when ``HPO_CHECKPOINT_BUCKET`` names the same one;
 * an ``idx`` data folder only inside a folder ``HPO_ALLOW_DATA`` lists (``os.pathsep``-separated).
@@ -67,6 +68,15 @@ def check_stored(spec: StudySpec, name: str, objectives: Iterable[str] = ()) -> 
             f"runs it only if its own side allows it: --objective {obj.kind} or {ALLOW_ENV}={obj.kind} "
             "(or start the worker with the study file)"
         )
+    refs = [(f"callbacks.{i}", ref) for i, ref in enumerate(spec.callbacks)]
+    refs += [(f"sampler.kwargs.{key}", ref) for key, ref in spec.sampler.callables().items()]
+    for field, ref in refs:  # code as much as the objective is: the same allow-list
+        if not objective_allowed(ref, allowed_objectives(objectives)):
+            raise TrustError(
+                f"{where}: {field} {ref!r} is code named by the database: a worker started by study name runs it "
+                f"only if its own side allows it: --objective {ref} or {ALLOW_ENV}={ref} "
+                "(or start the worker with the study file)"
+            )
     ckpt = getattr(obj, "checkpoint", None)
     if ckpt is not None:
         if ckpt.store == "filesystem" and not os.environ.get(DIR_ENV):

@@ -27,7 +27,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from .timing import ceiling
+from .timing import ceiling, describe
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ROOT / "studies"
@@ -40,6 +40,45 @@ def _server_url(kind: str) -> str:
     if not url:
         pytest.skip(f"{var} is not set; this test needs a real {kind} server (.ci/run sets it)")
     return url
+
+
+# --------------------------------------------------------------------------- the session: order and ceilings
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return describe()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist hands each worker its next test one at a time (by default the first quarter of the collection
+    # goes out in three contiguous blocks, so every slow test at its front would queue on one worker)
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected: positions count the tests that run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long tests first, longest first (``@pytest.mark.slow(seconds=...)``: their time on an idle machine, 60
+    where not said), so that with ``-n 3`` they start at once on different workers and the many short tests fill in
+    around them; the rest in file order. The same order in every process, as pytest-xdist requires."""
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.kwargs.get("seconds", 60)) if mark else 0.0
+
+    items.sort(key=lambda item: -seconds(item))  # stable: file order among equals
+    # pytest-xdist (one test at a time, above) starts worker i on the tests at positions 2i and 2i + 1, then hands out
+    # the rest in order as workers finish: the n longest start at once, each with a shorter one queued behind it
+    # (two long restarts of PostgreSQL share a worker: on two they would wait for each other, holding both)
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if n < 2 or len(items) < 2 * n:
+        return
+    restarts = [item for item in items[: 2 * n] if item.get_closest_marker("pg_restart")][:2]
+    pairs = [restarts] if len(restarts) == 2 else []
+    rest = [item for item in items if not any(item is r for pair in pairs for r in pair)]
+    k = n - len(pairs)
+    pairs += [[rest[i], rest[2 * k - 1 - i]] for i in range(k)]
+    items[:] = [item for pair in pairs for item in pair] + rest[2 * k :]
 
 
 # --------------------------------------------------------------------------- the PostgreSQL server, shared
@@ -212,3 +251,27 @@ def write_study(path: Path, name: str, **overrides: object) -> Path:
     doc.update(overrides)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def lesson_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``hpo run studies/lesson.yaml`` once per test session, into a SQLite file that every test needing a finished
+    lesson study reads (``hpo check``, ``hpo report``, the browser): the first process of the session to ask runs it
+    while any other waits on a lock, instead of a run of 216 trials in each. Its URL; read it, never write to it."""
+    # pytest-xdist's workers have basetemp <session>/popen-gwN: their parent is the session's own folder
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "lesson-run"
+    folder.mkdir(exist_ok=True)
+    url = f"sqlite:///{folder / 'lesson.db'}"
+    with open(shared / "lesson-run.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the holder's run has its own ceiling (hpo_cli)
+        try:
+            if not (folder / "done").exists() and not (folder / "failed").exists():
+                res = hpo_cli("run", str(STUDIES / "lesson.yaml"), "--storage", url, timeout=900)
+                (folder / ("done" if res.returncode == 0 else "failed")).write_text(res.stderr[-3000:])
+            if (folder / "failed").exists():  # once per session: not a second run into a half-written file
+                pytest.fail(f"hpo run studies/lesson.yaml failed: {(folder / 'failed').read_text()}")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return url

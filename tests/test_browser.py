@@ -67,14 +67,14 @@ def _free_port() -> int:
 
 
 def _wait_text(driver, pattern: str, timeout: float = 30) -> str:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + ceiling(timeout)
     text = ""
     while time.monotonic() < deadline:
         text = driver.find_element("tag name", "body").text
         if re.search(pattern, text):
             return text
         time.sleep(0.5)
-    raise AssertionError(f"{pattern!r} not on the page; it shows: {text[:500]!r}")
+    raise AssertionError(f"{pattern!r} not on the page after {ceiling(timeout):.0f} s; it shows: {text[:500]!r}")
 
 
 def _severe(driver) -> list[dict]:  # noqa: ANN001
@@ -97,12 +97,15 @@ def test_dashboard_shows_study_written_by_workers(browser, postgres_url: str, tm
         stderr=subprocess.PIPE,
     )
     try:
-        for _ in range(120):
+        deadline, seen = time.monotonic() + ceiling(60), ""
+        while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=ceiling(2))
                 break
-            except OSError:
+            except OSError as exc:
+                seen = repr(exc)
                 assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, f"the dashboard did not answer on port {port}: {seen}"
                 time.sleep(0.5)
         browser.get(f"http://127.0.0.1:{port}/dashboard")
         _wait_text(browser, re.escape(name))
@@ -115,7 +118,7 @@ def test_dashboard_shows_study_written_by_workers(browser, postgres_url: str, tm
         # the served dashboard is read-only
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies/{study._study_id}", method="DELETE")
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(req, timeout=5)
+            urllib.request.urlopen(req, timeout=ceiling(5))
         assert refused.value.code == 403
         assert len(optuna.load_study(study_name=name, storage=postgres_url).trials) == n
     finally:
@@ -182,17 +185,16 @@ def _open_report(browser, path: Path, shot: str) -> list[dict]:  # noqa: ANN001
     return plots
 
 
-def test_lesson_and_grokking_reports_read_in_chromium(browser, tmp_path: Path) -> None:  # noqa: ANN001
-    """The lesson's report and a grokking report, as a learner opens them: every plot drawn with data, the chance
-    line, the verdict sentences next to the plots, and training / validation accuracy over steps."""
+@pytest.mark.slow(seconds=60)
+def test_lesson_and_grokking_reports_read_in_chromium(browser, lesson_url: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """The lesson's report (of the session's lesson run, tests/conftest.py) and a grokking report, as a learner opens
+    them: every plot drawn with data, the chance line, the verdict sentences next to the plots, and training /
+    validation accuracy over steps."""
     import yaml
 
     from .conftest import STUDIES
 
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    res = hpo_cli("run", str(STUDIES / "lesson.yaml"), "--storage", url, timeout=900)
-    assert res.returncode == 0, res.stderr
-    res = hpo_cli("report", str(STUDIES / "lesson.yaml"), "--storage", url, "-o", str(tmp_path / "lesson.html"))
+    res = hpo_cli("report", str(STUDIES / "lesson.yaml"), "--storage", lesson_url, "-o", str(tmp_path / "lesson.html"))
     assert res.returncode == 0, res.stderr
     plots = {p["id"]: p for p in _open_report(browser, tmp_path / "lesson.html", "report-lesson.png")}
     for param in ("batch_size", "lr", "epochs"):
@@ -230,6 +232,7 @@ def test_lesson_and_grokking_reports_read_in_chromium(browser, tmp_path: Path) -
         "budget": {"n_trials": 4},
     }
     (tmp_path / "grok.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    url = f"sqlite:///{tmp_path / 'grok.db'}"
     res = hpo_cli("run", str(tmp_path / "grok.yaml"), "--storage", url, timeout=900)
     assert res.returncode == 0, res.stderr
     res = hpo_cli("report", "grok-browser", "--storage", url, "-o", str(tmp_path / "grok.html"))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from hpo.spec import load_spec
@@ -25,7 +26,7 @@ from .timing import ceiling
 FAST = ["--heartbeat", "1", "--grace", "3", "--threads", "1", "--quiet"]
 
 
-def ckpt_study(tmp_path: Path, name: str, n_train: int, **checkpoint: object) -> Path:
+def ckpt_study(tmp_path: Path, name: str, n_train: int, n_trials: int = 1, **checkpoint: object) -> Path:
     """A 10-epoch spirals study of one trial, small batches so that an epoch takes a visible time."""
     return write_study(
         tmp_path / f"{name}.yaml",
@@ -38,7 +39,7 @@ def ckpt_study(tmp_path: Path, name: str, n_train: int, **checkpoint: object) ->
             "defaults": {"batch_size": 8, "lr": 0.01, "epochs": 10, "optimizer": "adam"},
             "checkpoint": {"path": str(tmp_path / "ckpt"), **checkpoint},
         },
-        budget={"n_trials": 1},
+        budget={"n_trials": n_trials},
     )
 
 
@@ -152,3 +153,184 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_any_trial(tmp_path: P
     res = hpo_cli("run", str(study), "--storage", sqlite_url, env={"HPO_CHECKPOINT_DIR": str(tmp_path / "mine")})
     assert res.returncode == 0, res.stderr
     assert oct((tmp_path / "mine").stat().st_mode & 0o777) == "0o700"
+
+
+def grok_study(tmp_path: Path, name: str, **checkpoint: object) -> Path:
+    """A small grokking study of one trial in minibatches (the order's generator and cursor matter on resume)."""
+    return write_study(
+        tmp_path / f"{name}.yaml",
+        name,
+        direction="minimize",
+        metric="steps_to_generalise",
+        objective={
+            "kind": "grokking",
+            "data": {"source": "modular", "p": 31, "op": "+", "train_fraction": 0.5, "seed": 0},
+            "model": {"kind": "mlp", "layers": [64, 64]},
+            "steps": 1200,
+            "eval_every": 20,
+            "batch_size": 100,
+            "lr": 0.01,
+            "stop_at_threshold": False,
+            "threads": 1,
+            "checkpoint": {"path": str(tmp_path / "ckpt"), **checkpoint},
+        },
+        space={"weight_decay": {"type": "float", "low": 0.5, "high": 1.5}},
+        budget={"n_trials": 1},
+    )
+
+
+def test_a_stopped_grokking_trial_resumes_from_its_checkpoint_bit_exact(
+    sqlite_url: str, study_name: str, tmp_path: Path
+) -> None:
+    """Grokking trials could not checkpoint (``objective.checkpoint: unknown key``), though they are the long ones:
+    now a stopped one saves where it stands (every_steps 50 also saves between evaluations) and its copy goes on from
+    that step with the same minibatch order, curve and value as an uninterrupted run."""
+    from hpo.objectives.grokking import train
+
+    study = grok_study(tmp_path, study_name, every_steps=50)
+    spec = load_spec(study)
+    opts = WorkerOptions(heartbeat_interval=1, grace_period=3, threads=1, handle_signals=False)
+    stop = threading.Event()
+
+    def stop_after_some_evaluations() -> None:
+        while not stop.is_set():
+            ts = all_trials(sqlite_url, study_name)
+            if ts and len(ts[0].intermediate_values) >= 12:
+                stop.set()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=stop_after_some_evaluations)
+    watcher.start()
+    first = run_worker(spec, sqlite_url, opts, stop=stop)
+    watcher.join()
+    assert first.interrupted
+    [stopped, waiting] = all_trials(sqlite_url, study_name)
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["reason"] == "interrupted"
+    assert waiting.state == TrialState.WAITING
+    saved = stopped.user_attrs["checkpoint"]
+    assert 240 <= saved["epoch"] < 1200  # steps done: at least the 12 evaluations seen
+
+    second = run_worker(spec, sqlite_url, opts)
+    assert second.complete == 1
+    _, copy = all_trials(sqlite_url, study_name)
+    assert copy.state == TrialState.COMPLETE
+    assert copy.user_attrs["resumed_from"] == saved["epoch"]
+    assert copy.user_attrs["checkpoint"] is None and list((tmp_path / "ckpt").iterdir()) == []
+
+    history = train(spec.objective, copy.params, copy.user_attrs["seed"])  # uninterrupted, same seed
+    assert copy.user_attrs["curve"] == {
+        "step": [e.step for e in history],
+        "train_accuracy": [round(e.train_accuracy, 4) for e in history],
+        "val_accuracy": [round(e.val_accuracy, 4) for e in history],
+    }
+    assert copy.value == replay(spec, copy)
+    assert copy.user_attrs["train_accuracy"] == round(history[-1].train_accuracy, 6)
+    assert copy.user_attrs["memorised_step"] == next((e.step for e in history if e.train_accuracy >= 0.99), None)
+
+
+def test_grokking_checkpoints_count_steps() -> None:
+    from hpo.errors import SpecError
+    from hpo.spec import parse_spec
+
+    doc = {"name": "g", "direction": "minimize", "metric": "steps_to_generalise"}
+    with pytest.raises(SpecError, match="grokking trials count steps, not epochs: use every_steps"):
+        parse_spec({**doc, "objective": {"kind": "grokking", "checkpoint": {"every_epochs": 2}}})
+    ok = parse_spec({**doc, "objective": {"kind": "grokking", "checkpoint": {"every_steps": 50}}})
+    assert ok.objective.checkpoint is not None and ok.objective.checkpoint.every_steps == 50
+
+
+def test_a_trial_failed_without_a_copy_leaves_no_checkpoint(sqlite_url: str, study_name: str, tmp_path: Path) -> None:
+    """A FAIL without a copy (here: its retries used up, --max-retry 0) kept its checkpoint forever while nothing
+    would ever resume from it: the worker now removes it when the trial ends and the trial says so."""
+    study = ckpt_study(tmp_path, study_name, n_train=6_000)
+    spec = load_spec(study)
+    opts = WorkerOptions(heartbeat_interval=1, grace_period=3, threads=1, handle_signals=False, max_retry=0)
+    stop = threading.Event()
+
+    def stop_after_epoch_2() -> None:
+        while not stop.is_set():
+            if checkpoint_epoch(sqlite_url, study_name) >= 2:
+                stop.set()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=stop_after_epoch_2)
+    watcher.start()
+    result = run_worker(spec, sqlite_url, opts, stop=stop)
+    watcher.join()
+    assert result.interrupted
+    [stopped] = all_trials(sqlite_url, study_name)  # no copy: max_retry 0
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["reason"] == "interrupted"
+    assert list((tmp_path / "ckpt").iterdir()) == []
+    assert stopped.user_attrs["checkpoint"] is None and stopped.user_attrs["checkpoint_bytes"] == 0
+
+
+def test_checkpoints_prune_removes_what_no_trial_resumes_from(sqlite_url: str, study_name: str, tmp_path: Path) -> None:
+    """``hpo checkpoints prune``: finished trials' kept checkpoints and a killed write's file go; another study's
+    files and anything hpo did not name stay; a folder only this side names (never the database's)."""
+    import hashlib
+
+    study = ckpt_study(tmp_path, study_name, n_train=400, n_trials=2, keep=True)
+    assert hpo_cli("run", str(study), "--storage", sqlite_url).returncode == 0
+    folder = tmp_path / "ckpt"
+    kept = sorted(p.name for p in folder.iterdir())
+    assert len(kept) == 2
+    storage = open_storage(sqlite_url)
+    sid = optuna.load_study(study_name=study_name, storage=storage)._study_id
+    storage.engine.dispose()
+    prefix = f"hpo-ckpt-{hashlib.sha1(study_name.encode()).hexdigest()[:12]}-{sid}-"
+    cut_short = folder / f".{prefix}99-e1-s0.0123456789abcdef.tmp"  # a write killed before its rename
+    others = [folder / "hpo-ckpt-000000000000-1-0-e1-s0", folder / "notes.txt"]
+    for p in [cut_short, *others]:
+        p.write_bytes(b"x" * 10)
+
+    by_name = hpo_cli("checkpoints", "prune", study_name, "--storage", sqlite_url)
+    assert by_name.returncode == 2 and "Traceback" not in by_name.stderr
+    [line] = [ln for ln in by_name.stderr.splitlines() if ln.strip()]
+    assert line.startswith("error:") and "--dir" in line and "HPO_CHECKPOINT_DIR" in line
+
+    orphans = hpo_cli(
+        "checkpoints", "prune", study_name, "--storage", sqlite_url, "--dir", str(folder), "--orphans-only"
+    )
+    assert orphans.returncode == 0, orphans.stderr
+    assert "removed 1 checkpoint file(s)" in orphans.stdout and "2 kept by finished trials" in orphans.stdout
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*kept, *(p.name for p in others)])
+
+    pruned = hpo_cli("checkpoints", "prune", str(study), "--storage", sqlite_url)  # the file names the folder
+    assert pruned.returncode == 0, pruned.stderr
+    assert "removed 2 checkpoint file(s)" in pruned.stdout and "0 left for running or waiting trials" in pruned.stdout
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in others)
+    for t in all_trials(sqlite_url, study_name):
+        assert t.user_attrs["checkpoint"] is None and t.user_attrs["checkpoint_bytes"] == 0
+    listed = hpo_cli("studies", "--storage", sqlite_url, "--format", "json")
+    [row] = [r for r in json.loads(listed.stdout) if r["name"] == study_name]
+    assert row["checkpoint_mb"] == 0
+
+
+def test_checkpoints_prune_leaves_a_waiting_trial_its_checkpoint(
+    sqlite_url: str, study_name: str, tmp_path: Path
+) -> None:
+    study = ckpt_study(tmp_path, study_name, n_train=6_000)
+    spec = load_spec(study)
+    opts = WorkerOptions(heartbeat_interval=1, grace_period=3, threads=1, handle_signals=False)
+    stop = threading.Event()
+
+    def stop_after_epoch_1() -> None:
+        while not stop.is_set():
+            if checkpoint_epoch(sqlite_url, study_name) >= 1:
+                stop.set()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=stop_after_epoch_1)
+    watcher.start()
+    run_worker(spec, sqlite_url, opts, stop=stop)
+    watcher.join()
+    [stopped, waiting] = all_trials(sqlite_url, study_name)
+    assert waiting.state == TrialState.WAITING
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert before == [stopped.user_attrs["checkpoint"]["id"]]
+    res = hpo_cli(
+        "checkpoints", "prune", study_name, "--storage", sqlite_url, env={"HPO_CHECKPOINT_DIR": str(tmp_path / "ckpt")}
+    )
+    assert res.returncode == 0, res.stderr
+    assert "removed 0 checkpoint file(s)" in res.stdout and "1 left for running or waiting trials" in res.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before

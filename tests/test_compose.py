@@ -233,3 +233,34 @@ def test_workers_stop_inside_the_kill_window_and_checkpoint_to_a_volume(compose:
     dockerfile = (Path(__file__).parent.parent / "Dockerfile").read_text()
     assert "ENV HPO_CHECKPOINT_DIR=/var/lib/hpo/checkpoints" in dockerfile
     assert "chown hpo:hpo /var/lib/hpo/checkpoints" in dockerfile
+
+
+def test_services_hardened_and_images_pinned(compose: dict[str, Any]) -> None:
+    """Issue 22 item 8: every service drops all capabilities, may not gain privileges, runs on a read-only root
+    filesystem with /tmp in memory, as a non-root user; images carry exact versions; the database has a memory cap."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for name, service in compose["services"].items():
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+        assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"], name
+        image = service["image"]
+        assert re.fullmatch(r"[\w./-]+:\d+\.\d+(\.\d+)?", image), image
+        if "build" in service:
+            assert image == f"hpo:{version}" and "USER hpo" in dockerfile, name  # the image's own user, uid 1000
+        else:
+            assert service["user"] == "999:999" and "/var/run/postgresql" in service["tmpfs"], name
+    assert compose["services"]["db"]["mem_limit"] and compose["services"]["worker"]["mem_limit"]
+
+
+def test_env_example_ships_no_password(compose: dict[str, Any]) -> None:
+    """.env.example's placeholders passed compose's empty-value check and reached the database; now they are empty,
+    and compose stops on each (the ``:?`` in docker-compose.yml) until it is set."""
+    env = dict(
+        line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines() if re.match(r"^\w+=", line)
+    )
+    assert {k: v for k, v in env.items() if k.endswith("PASSWORD")} == dict.fromkeys(PASSWORDS, "")
+    for required in compose["x-required-passwords"]:
+        with pytest.raises(KeyError, match="set .* in .env"):
+            interpolate(required, env)

@@ -109,12 +109,11 @@ def test_a_design_runs_as_written(tmp_path: Path, population: int) -> None:
     assert "sweep of batch size, 3 seeds per point; others at the baseline: learning rate 0.01" in page
 
 
-@pytest.mark.slow
-def test_lesson_settles_the_three_predictions(tmp_path: Path) -> None:
-    """The must-show: a fresh run of studies/lesson.yaml, then each prediction supported or refuted."""
-    url = f"sqlite:///{tmp_path / 'lesson.db'}"
-    res = hpo_cli("run", str(STUDIES / "lesson.yaml"), "--storage", url, timeout=900)
-    assert res.returncode == 0, res.stderr
+@pytest.mark.slow(seconds=1)  # slow where it runs the session's lesson; started after the browser test that shares it
+def test_lesson_settles_the_three_predictions(lesson_url: str) -> None:
+    """The must-show: a fresh run of studies/lesson.yaml (the session's, tests/conftest.py), then each prediction
+    supported or refuted."""
+    url = lesson_url
     res = hpo_cli("check", str(STUDIES / "lesson.yaml"), "--storage", url, "-f", "json")
     assert res.returncode == 0, res.stderr
     verdicts = json.loads(res.stdout)

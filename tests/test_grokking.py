@@ -52,7 +52,7 @@ def run_once(doc: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     return value, trial.user_attrs
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_weight_decay_one_generalises_within_2000_steps() -> None:
     value, attrs = run_once(grokking_doc(weight_decay=1.0))
     assert attrs["generalised"] is True
@@ -62,16 +62,19 @@ def test_weight_decay_one_generalises_within_2000_steps() -> None:
     assert attrs["memorised_step"] is not None and attrs["memorised_step"] < value
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_weight_decay_zero_memorises_but_does_not_generalise() -> None:
-    value, attrs = run_once(grokking_doc(weight_decay=0.0))
+    """The same set-up without weight decay, for 1,000 steps: about twice the step at which weight decay 1 generalises
+    (525, measured; the curve's first 1,000 steps are those of a 2,000-step run, which stays below 0.1 % validation
+    accuracy to the end: benchmarks/README.md)."""
+    value, attrs = run_once(grokking_doc(weight_decay=0.0, steps=1000))
     curve = attrs["curve"]
     assert max(curve["train_accuracy"]) == 1.0
     assert attrs["memorised_step"] is not None
     assert attrs["generalised"] is False
     assert max(curve["val_accuracy"]) < 0.95
-    assert attrs["steps_reached"] == 2000
-    assert value == attrs["steps_to_generalise"] == 2000 + 25  # censored one evaluation past the budget
+    assert attrs["steps_reached"] == 1000
+    assert value == attrs["steps_to_generalise"] == 1000 + 25  # censored one evaluation past the budget
 
 
 def small_study(tmp_path: Path, name: str, **top: Any) -> Path:

@@ -63,7 +63,7 @@ TRAINING = {"kind": "training", "data": {"source": "spirals", "n_train": 100, "n
         ({"sampler": {"name": "cmaes"}}, "sampler.name:", "one objective"),
         ({"population": {"size": 4}}, "population:", "single-objective"),
         ({"predictions": [{"param": "x", "claim": "increasing"}]}, "predictions:", "one metric"),
-        ({"metrics": None}, "metrics:", "required with directions"),
+        ({"objective": TRAINING, "space": {}, "metrics": None}, "metrics:", "required with directions"),
         ({"objective": TRAINING, "space": {}, "metrics": ["val_accuracy", "wall_time"]}, "metrics:", "wall_time"),
     ],
 )

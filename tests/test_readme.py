@@ -31,7 +31,16 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert test in ci, ".ci/run must run README's test command word for word"
 
 
-@pytest.mark.slow
+def test_readme_counts_no_tests_by_hand() -> None:
+    """How many tests run and skip changes with every commit and every machine: README says where the counts come
+    from (``pytest --collect-only -q``, ``pytest -rs``), never a typed number of them."""
+    text = (ROOT / "README.md").read_text()
+    typed = re.findall(r"\b\d[\d,]*\s+(?:of\s+\d[\d,]*\s+)?(?:tests?|skips?|skipped)\b", text)
+    assert typed == [], f"README types test counts: {typed}"
+    assert "pytest --collect-only -q" in text
+
+
+@pytest.mark.slow(seconds=200)
 def test_readme_main_command_on_a_fresh_clone(tmp_path: Path) -> None:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs the git checkout to clone")

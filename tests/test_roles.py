@@ -287,13 +287,15 @@ def test_hpo_dashboard_process_refuses_writes_as_analyst(pg: Cluster, pg_study: 
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
+        deadline = time.monotonic() + ceiling(60)
+        while True:
             try:
-                with urllib.request.urlopen(f"{base}/api/studies", timeout=2) as r:
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=ceiling(2)) as r:
                     assert name in r.read().decode()
                 break
-            except (urllib.error.URLError, ConnectionError):
+            except OSError as exc:  # URLError, a refused connection, a read timeout
                 assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, f"the dashboard did not answer at {base}: {exc!r}"
                 time.sleep(0.2)
         tell_id = [t for t in pg_study.get_trials() if t.state == TrialState.FAIL][0]._trial_id
         for method, path, body in [
@@ -303,7 +305,7 @@ def test_hpo_dashboard_process_refuses_writes_as_analyst(pg: Cluster, pg_study: 
             req = urllib.request.Request(f"{base}{path}", data=body or None, method=method)
             req.add_header("Content-Type", "application/json")
             with pytest.raises(urllib.error.HTTPError) as exc:
-                urllib.request.urlopen(req, timeout=10)
+                urllib.request.urlopen(req, timeout=ceiling(10))
             assert exc.value.code == 403 and json.loads(exc.value.read())["error"] == "read_only"
     finally:
         proc.terminate()

@@ -229,7 +229,7 @@ def _sqlite_count(db: Path, sql: str) -> int:
         return 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 @pytest.mark.parametrize("moment", ["study row", "some trials queued", "file stored"])
 def test_ctrl_c_during_creation_exits_130_and_rerun_has_the_whole_design(
     moment: str, tmp_path: Path, study_name: str

@@ -122,7 +122,7 @@ class Cluster:
         self._wait(lambda: "idle" in self.run("sinfo", "-h", "-o", "%t", check=False), "the node to be idle")
 
     def _wait(self, cond: object, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + ceiling(timeout)
         while time.monotonic() < deadline:
             if cond():  # type: ignore[operator]
                 return
@@ -130,7 +130,7 @@ class Cluster:
                 if p.poll() is not None:
                     raise AssertionError(f"{p.args[0]} exited ({p.returncode}) while waiting for {what}: {self.logs()}")
             time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}: {self.logs()}")
+        raise AssertionError(f"timed out after {ceiling(timeout):.0f} s waiting for {what}: {self.logs()}")
 
     def logs(self) -> str:
         return "\n".join(
@@ -287,3 +287,70 @@ def test_a_time_limit_requeues_the_task_until_the_budget_is_met(
     assert sum(t.state == TrialState.COMPLETE for t in ts) == budget
     log = "".join(p.read_text() for p in tmp_path.glob("hpo-worker-*.out"))
     assert "requeueing task" in log, log  # it did hit the limit, and went on by itself
+
+
+#: The URL README's Slurm block writes to ~/.hpo/storage-url: the one thing the test points elsewhere.
+README_URL = "postgresql+psycopg://hpo_worker@db.example/hpo"
+
+
+def readme_slurm_block() -> str:
+    """The first ``bash`` code block of README's Slurm paragraph, as it stands."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("**Slurm.**") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    return section[start : section.index("```", start)]
+
+
+def test_the_readmes_slurm_steps_run_as_written(cluster: Cluster, postgres_url: str, tmp_path: Path) -> None:
+    """README's Slurm steps failed when followed literally (~/.hpo never created; hpo create made the study in local
+    SQLite, so every task ended "no study named ..."). Here the block itself runs, in bash -eu, in a fresh HOME, from
+    a folder holding the sbatch script and a small study of the README's name: the study is created in the database
+    the URL names, the array of 32 tasks meets its budget, and nothing stays running."""
+    block = readme_slurm_block()
+    assert block.count(README_URL) == 1, "README's Slurm block changed its URL: update README_URL"
+    assert "sbatch" in block and "hpo create" in block
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / ".hpo").mkdir(parents=True, mode=0o700)
+    pw = home / ".hpo" / "worker-pw"  # the block's comment: the password file is yours to write
+    pw.write_text("unused-by-a-trust-server\n")
+    pw.chmod(0o600)
+    (work / "deploy" / "slurm").mkdir(parents=True)
+    shutil.copy(SCRIPT, work / "deploy" / "slurm" / SCRIPT.name)
+    budget = 4
+    (work / "studies").mkdir()
+    write_study(  # the README's study name; a small study, so that the test ends soon
+        work / "studies" / "spirals-optimizer.yaml",
+        "spirals-optimizer",
+        sampler={"name": "random", "seed": 0},
+        budget={"n_trials": budget},
+    )
+    storage = open_storage(postgres_url)
+    try:  # the session's database may hold a study of that name from another test
+        optuna.delete_study(study_name="spirals-optimizer", storage=storage)
+    except KeyError:
+        pass
+    finally:
+        storage.engine.dispose()
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("HPO_")}
+    env.update(HOME=str(home), PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    script = block.replace(README_URL, postgres_url)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True, text=True,
+        timeout=ceiling(300),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("Submitted batch job")]
+    assert len(jobs) == 1, done.stdout
+    assert (home / ".hpo" / "storage-url").read_text().strip() == postgres_url
+
+    deadline = time.monotonic() + ceiling(600)
+    while cluster.run("squeue", "-h", "-j", jobs[0], check=False).strip():
+        assert time.monotonic() < deadline, f"the array did not finish: {cluster.logs()}"
+        time.sleep(2)
+    ts = _trials(postgres_url, "spirals-optimizer")
+    assert [t.number for t in ts if t.state == TrialState.RUNNING] == []
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == budget
+    outputs = sorted(work.glob(f"hpo-worker-{jobs[0]}_*.out"))
+    assert len(outputs) == 32
+    text = "".join(f.read_text() for f in outputs)
+    assert "no study named" not in text and postgres_url not in text

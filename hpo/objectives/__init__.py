@@ -8,7 +8,6 @@ attributes), and calls ``context.check_stop()`` often enough that a worker asked
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 import threading
@@ -70,14 +69,10 @@ def resolve(kind: str) -> Objective:
     """The objective for a ``kind``: a registered name or ``package.module:function``."""
     if kind in REGISTRY:
         return REGISTRY[kind]()
+    from hpo.user_code import import_callable
+
     module_name, _, func_name = kind.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure of the user's module
-        raise SpecError(f"objective.kind: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise SpecError(f"objective.kind: {module_name!r} has no function {func_name!r}")
+    fn = import_callable(kind, "objective.kind")
     if inspect.isclass(fn):  # called with the trial, a class would build an instance, not return a value
         raise SpecError(
             f"objective.kind: {kind} is a class; name a function, or an instance of it "

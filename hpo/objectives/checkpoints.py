@@ -68,6 +68,8 @@ BLOB_KEYS = {"epoch", "step", "losses", "gen_state", "model", "optimizer", "torc
              "python_rng", "extra"}  # fmt: skip
 #: The ids this module writes; an id read back from the database that is not one is never opened or removed.
 ID_RE = re.compile(r"hpo-ckpt-[0-9a-f]{12}-\d+-\d+-e\d+-s\d+")
+#: A file :meth:`FolderStore.write` had not renamed into place yet (its process was killed while writing).
+TMP_RE = re.compile(r"\.(hpo-ckpt-[0-9a-f]{12}-\d+-\d+-e\d+-s\d+)\.[0-9a-f]{16}\.tmp")
 
 
 def open_store(cfg: CheckpointSpec) -> Any:
@@ -99,6 +101,8 @@ class FolderStore:
 
     @staticmethod
     def _name(artifact_id: str) -> str:
+        if TMP_RE.fullmatch(artifact_id):  # a write cut short (the process killed): removed by a sweep
+            return artifact_id
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", artifact_id):
             raise ValueError(f"invalid artifact id {artifact_id!r}")
         return artifact_id
@@ -139,6 +143,19 @@ class FolderStore:
             raise OSError(f"{name}: not a regular file of this user")
         return os.fdopen(fd, "rb")
 
+    def entries(self) -> list[tuple[str, int]]:
+        """(name, bytes) of the regular files of this user directly in the folder (links and others: not listed)."""
+        found = []
+        with self._dir() as dfd:
+            for name in os.listdir(dfd):
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                    found.append((name, st.st_size))
+        return found
+
     def remove(self, artifact_id: str) -> None:
         """Unlink a regular file of this user; anything else (a link, another user's file) is left in place."""
         name = self._name(artifact_id)
@@ -173,8 +190,7 @@ class Checkpointer:
         frozen = cached if cached is not None else trial.storage.get_trial(trial._trial_id)
         self.inherited: dict[str, Any] | None = frozen.user_attrs.get(ATTR)
         root = int(frozen.system_attrs.get("failed_trial", trial.number))
-        study = hashlib.sha1(trial.study.study_name.encode()).hexdigest()[:12]
-        self.prefix = f"hpo-ckpt-{study}-{trial.study._study_id}-{root}"
+        self.prefix = f"{study_prefix(trial.study)}{root}"
         self.current: dict[str, Any] | None = self.inherited
         self.steps_since = 0
         #: Lists the objective and the loop keep (learning curve, epoch results): saved, and refilled in place on load.
@@ -248,8 +264,10 @@ class Checkpointer:
         if blob["step"]:
             attrs["resumed_step"] = int(blob["step"])
         set_trial_attrs(self.trial, attrs)
-        log.info("trial %d resumes from checkpoint %s (epoch %d, step %d)", self.trial.number, self.inherited["id"],
-                 blob["epoch"], blob["step"])  # fmt: skip
+        logging.getLogger("hpo.trials").info(  # the worker's trial lines: said whatever the log level
+            "trial %d resumes from checkpoint %s (epoch %d, step %d)", self.trial.number, self.inherited["id"],
+            blob["epoch"], blob["step"],
+        )  # fmt: skip
         return LoopState(
             epoch=int(blob["epoch"]),
             step=int(blob["step"]),
@@ -350,6 +368,138 @@ def _load_optimizer_state(opt: Any, state: dict[str, Any], device: str) -> None:
         opt.load_state_dict(state["torch"])
 
 
+def study_prefix(study: optuna.Study) -> str:
+    """The start of every checkpoint id of ``study``'s trials: ``hpo-ckpt-<name digest>-<study id>-``."""
+    return f"hpo-ckpt-{hashlib.sha1(study.study_name.encode()).hexdigest()[:12]}-{study._study_id}-"
+
+
+@dataclass
+class Swept:
+    """What :func:`sweep` did: files and bytes removed, and files left for trials that may still resume."""
+
+    removed: int = 0
+    removed_bytes: int = 0
+    live: int = 0
+    kept: int = 0
+
+
+def sweep(study: optuna.Study, store: Any, *, keep: bool = False) -> Swept:
+    """Remove the checkpoints of ``study`` that no trial will resume from, from a folder store: those of a trial that
+    ended (complete, pruned, or failed without a re-queued copy: its objective's own error, its retries used up, its
+    copy finished elsewhere) and files a killed write left. A trial family (a trial and its re-queued copies share one
+    root number in the id) is left alone while any of its trials is running or waiting. ``keep``: the finished
+    trials' named checkpoints stay (the study file's ``keep: true``). Finished trials whose named checkpoint is gone
+    get ``checkpoint: null, checkpoint_bytes: 0``.
+
+    Only files this module names (:data:`ID_RE`) of this study, regular files of this worker's user directly in its
+    own folder, are removed: the folder is the one the worker's own side gave (``HPO_CHECKPOINT_DIR`` or the study
+    file it was started with), never one the database names (:mod:`hpo.trust`)."""
+    from optuna.trial import TrialState
+
+    from hpo.storage import set_trial_user_attrs
+
+    swept = Swept()
+    if not isinstance(store, FolderStore):
+        return swept
+    prefix = study_prefix(study)
+    files = []  # listed before the trials are read: a trial created after the read has written nothing listed here
+    for name, size in store.entries():
+        tmp = TMP_RE.fullmatch(name)
+        artifact_id = tmp.group(1) if tmp else name
+        if artifact_id.startswith(prefix) and ID_RE.fullmatch(artifact_id):
+            root = int(artifact_id[len(prefix) :].split("-", 1)[0])
+            files.append((name, artifact_id, root, size))
+    if not files:
+        return swept
+    live, named = _live_roots_and_named(study)
+    kept = {
+        i for i, rows in named.items() if any(state in (TrialState.COMPLETE, TrialState.PRUNED) for _, state in rows)
+    }
+    gone = set()
+    for name, artifact_id, root, size in files:
+        if root in live:
+            swept.live += 1
+            continue
+        if keep and name == artifact_id and artifact_id in kept:
+            swept.kept += 1
+            continue
+        try:
+            store.remove(name)
+        except ArtifactNotFound:  # another worker's sweep was first
+            pass
+        except Exception as exc:
+            log.warning("checkpoint %s not removed: %s", name, exc)
+            continue
+        swept.removed += 1
+        swept.removed_bytes += size
+        gone.add(artifact_id)
+    for artifact_id in gone & named.keys():
+        for trial_id, _ in named[artifact_id]:
+            set_trial_user_attrs(study._storage, trial_id, {ATTR: None, BYTES_ATTR: 0})
+    if swept.removed:
+        log.info(
+            "study %s: removed %d checkpoint file(s) no trial resumes from (%d bytes)",
+            study.study_name, swept.removed, swept.removed_bytes,
+        )  # fmt: skip
+    return swept
+
+
+def _live_roots_and_named(study: optuna.Study) -> tuple[set[int], dict[str, list[tuple[int, Any]]]]:
+    """In two statements, whatever the study's size: the root numbers of its running and waiting trials (a copy's
+    root is its ``failed_trial``), and for each checkpoint id a finished trial still names, those trials
+    (trial id, state)."""
+    import json
+
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    from hpo.storage import rdb_backend
+
+    t = models.TrialModel.__table__
+    sa_ = models.TrialSystemAttributeModel.__table__
+    ua = models.TrialUserAttributeModel.__table__
+    sid = study._study_id
+    unfinished = [TrialState.RUNNING, TrialState.WAITING]
+    live_stmt = (
+        sa.select(t.c.number, sa_.c.value_json)
+        .select_from(t.outerjoin(sa_, (sa_.c.trial_id == t.c.trial_id) & (sa_.c.key == "failed_trial")))
+        .where(t.c.study_id == sid, t.c.state.in_(unfinished))
+    )
+    named_stmt = (
+        sa.select(t.c.trial_id, t.c.state, ua.c.value_json)
+        .select_from(t.join(ua, ua.c.trial_id == t.c.trial_id))
+        .where(t.c.study_id == sid, ~t.c.state.in_(unfinished), ua.c.key == ATTR, ua.c.value_json != "null")
+    )
+    live: set[int] = set()
+    named: dict[str, list[tuple[int, Any]]] = {}
+    with rdb_backend(study._storage).engine.connect() as conn:
+        for number, root in conn.execute(live_stmt):
+            live.add(int(json.loads(root)) if root is not None else int(number))
+        for trial_id, state, value in conn.execute(named_stmt):
+            ckpt = json.loads(value)
+            if isinstance(ckpt, dict) and isinstance(ckpt.get("id"), str):
+                named.setdefault(ckpt["id"], []).append((int(trial_id), state))
+    return live, named
+
+
+def sweeper(study: optuna.Study, cfg: CheckpointSpec | None) -> Any:
+    """A worker's :func:`sweep` of its study's folder store (a callable; None without one): run when the worker
+    starts, after a trial it ran failed, and when it ends. A sweep that fails (the database away) is logged and
+    skipped: the next one catches up."""
+    if cfg is None or cfg.store != "filesystem":
+        return None
+    store = open_store(cfg)
+
+    def run() -> None:
+        try:
+            sweep(study, store, keep=cfg.keep)
+        except Exception as exc:
+            log.warning("checkpoints of study %s not swept: %s", study.study_name, " ".join(str(exc).split())[:300])
+
+    return run
+
+
 def checkpoint_for(trial: optuna.trial.BaseTrial, cfg: CheckpointSpec | None) -> Checkpointer | None:
     """A :class:`Checkpointer` for a stored trial whose study file asks for checkpoints, else None (a replay with a
     fixed trial never checkpoints)."""
@@ -368,4 +518,7 @@ __all__ = [
     "check_folder",
     "checkpoint_for",
     "open_store",
+    "study_prefix",
+    "sweep",
+    "sweeper",
 ]

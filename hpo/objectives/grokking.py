@@ -20,6 +20,10 @@ prunes a trial whose training accuracy is still below 0.99 at that step (``reaso
 large, or a learning rate too small, to learn at all.
 
 A loss that becomes NaN or infinite prunes the trial with ``reason=diverged``, as in the training objective.
+
+With ``checkpoint`` (as the training objective's, :mod:`hpo.objectives.checkpoints`) a trial saves its state every
+``every_steps`` steps (default: at every evaluation) and when its worker is stopped; a re-queued copy resumes from the
+step saved (``resumed_from``: steps done) and ends with the same curve and value as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -157,8 +161,16 @@ def train(
     device: str = "cpu",
     on_eval: Any = None,
     check_stop: Any = None,
+    checkpoint: Any = None,
+    on_resume: Any = None,
 ) -> list[Evaluation]:
     """Train one configuration; ``on_eval(evaluation)`` runs after each evaluation and returns True to stop.
+
+    ``checkpoint``: a :class:`hpo.objectives.checkpoints.Checkpointer` to resume from and save to, or None. It saves
+    after every ``every_steps``-th step's evaluation (default: every evaluation) and, when asked to stop, before the
+    next step; its "epoch" is the number of steps done. It holds what the loop carries between steps (the loss summed
+    since the last evaluation, the minibatch order and its cursor) and the evaluations so far, so a resumed trial goes
+    on exactly as an uninterrupted one.
 
     Raises:
         Diverged: the training loss became NaN or infinite (args: message, step).
@@ -184,9 +196,39 @@ def train(
     perm, cursor = None, n
     history: list[Evaluation] = []
     total = torch.zeros((), device=device)
-    since = 0
-    for step in range(1, cfg.steps + 1):
-        if check_stop is not None:
+    since, first = 0, 1
+    every = obj.eval_every
+    if checkpoint is not None:
+        from hpo.objectives import Interrupted
+        from hpo.objectives.checkpoints import LoopState
+
+        every = checkpoint.cfg.every_steps or obj.eval_every
+        loop: list[Any] = []  # [steps since the last evaluation, cursor, minibatch order]: filled at each save
+        checkpoint.extra["history"], checkpoint.records["history"] = history, Evaluation
+        checkpoint.extra["loop"] = loop
+        resumed = checkpoint.load(model, opt, device)
+        if resumed is not None:
+            first = resumed.epoch + 1
+            gen.set_state(resumed.gen_state)
+            total = resumed.losses[0].to(device)
+            since, cursor, perm = loop[0], loop[1], None if loop[2] is None else loop[2].to(device)
+            if on_resume is not None:
+                on_resume(history)
+
+        def save(done: int) -> None:
+            loop[:] = [since, cursor, None if perm is None else perm.cpu()]
+            checkpoint.save(model, opt, LoopState(done, 0, [total], gen.get_state()))
+
+    for step in range(first, cfg.steps + 1):
+        if checkpoint is not None:
+            try:
+                if check_stop is not None:
+                    check_stop()
+            except Interrupted:  # asked to stop: save where the loop stands, so the copy loses nothing
+                if step > first:
+                    save(step - 1)
+                raise
+        elif check_stop is not None:
             check_stop()
         if bs is None:
             xb, yb = x, y
@@ -212,6 +254,8 @@ def train(
             history.append(ev)
             if on_eval is not None and on_eval(ev):
                 break
+        if checkpoint is not None and step % every == 0 and step < cfg.steps:
+            save(step)
     return history
 
 
@@ -232,6 +276,13 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
     started = time.perf_counter()
     state: dict[str, Any] = {"generalised_at": None, "memorised_at": None, "last": None}
     curve: dict[str, list[float]] = {"step": [], "train_accuracy": [], "val_accuracy": []}
+    from hpo.objectives.checkpoints import checkpoint_for
+
+    ckpt = checkpoint_for(trial, obj.checkpoint)
+    marks: list[Any] = [None, None]  # generalised_at, memorised_at: what a checkpoint carries of ``state``
+    if ckpt is not None:
+        ckpt.extra.update({f"curve.{key}": values for key, values in curve.items()})
+        ckpt.extra["marks"] = marks
 
     def record(last: Evaluation | None) -> None:
         g = state["generalised_at"]
@@ -252,6 +303,7 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
             state["memorised_at"] = ev.step
         if state["generalised_at"] is None and ev.val_accuracy >= obj.threshold:
             state["generalised_at"] = ev.step
+        marks[:] = [state["generalised_at"], state["memorised_at"]]
         g = state["generalised_at"]
         value = float(g if g is not None else censored(obj, steps))
         trial.report(value, ev.step)
@@ -276,15 +328,31 @@ def objective(trial: optuna.trial.BaseTrial, ctx: Context) -> float:
     with torch.device("meta"):  # the model's size, without its memory (hpo.threads: one thread for a small step)
         size = sum(p.numel() for p in build_model(obj, cfg).parameters())
     rows = cfg.batch_size or round(cfg.data.p**2 * cfg.data.train_fraction)
+
+    def resumed(history: list[Evaluation]) -> None:  # a checkpoint was loaded: go on from what it holds
+        state["generalised_at"], state["memorised_at"] = marks
+        state["last"] = history[-1] if history else None
+
     try:
         with hpo_threads.use(hpo_threads.for_step(size, rows, torch.get_num_threads())) as used:
             trial.set_user_attr("threads", used)
-            train(obj, ctx.params, ctx.seed, device=ctx.device, on_eval=on_eval, check_stop=ctx.check_stop)
+            train(
+                obj, ctx.params, ctx.seed, device=ctx.device, on_eval=on_eval, check_stop=ctx.check_stop,
+                checkpoint=ckpt, on_resume=resumed,
+            )  # fmt: skip
+    except optuna.TrialPruned:
+        if ckpt is not None:
+            ckpt.finish()
+        raise
     except Diverged as exc:
+        if ckpt is not None:
+            ckpt.finish()
         record(state["last"])
         trial.set_user_attr("reason", "diverged")
         trial.set_user_attr("diverged_step", exc.args[1])
         raise optuna.TrialPruned(f"diverged: {exc.args[0]}") from None
     record(state["last"])
+    if ckpt is not None:
+        ckpt.finish()
     g = state["generalised_at"]
     return float(g if g is not None else censored(obj, steps))

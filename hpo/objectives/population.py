@@ -119,7 +119,8 @@ def population_size(spec: StudySpec, requested: int | str | None = None) -> int:
     obj = spec.objective
     multi = spec.multi_objective  # Optuna prunes single-objective trials only; members are pruned and compared
     if isinstance(value, str) and value.strip().lower() == "auto":
-        if isinstance(obj, TrainingObjective) and obj.model.kind == "mlp" and spec.metric in METRICS and not multi:
+        mlp = isinstance(obj, TrainingObjective) and obj.model.kind == "mlp"
+        if mlp and spec.metric in METRICS and not multi and not spec.callbacks:
             return AUTO_SIZE if largest_model(spec) <= AUTO_MAX_PARAMS else 1
         return 1
     try:
@@ -133,6 +134,8 @@ def population_size(spec: StudySpec, requested: int | str | None = None) -> int:
     if size > 1:
         if multi:
             raise HpoError("population mode trains single-objective studies only; this study has several metrics")
+        if spec.callbacks:
+            raise HpoError("population mode calls no callbacks (its trials train stacked); leave out one or the other")
         if not isinstance(obj, TrainingObjective):
             raise HpoError(f"population mode trains the training objective only; this study's is {obj.kind!r}")
         if obj.model.kind not in ("mlp", "cnn"):

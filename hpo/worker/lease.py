@@ -265,11 +265,18 @@ def reap(study: optuna.Study, grace: float | None = None) -> list[int]:
     max_retry = getattr(callback, "_max_retry", None)
     failed = []
     for trial_id in sorted(stale):
-        _, done = fail_and_requeue(
+        frozen, done = fail_and_requeue(
             study, trial_id, {"reason": "reaped", "reaped_by": worker_name()}, callback is not None, max_retry
         )
-        if done:
-            log.warning("trial id %d: no heartbeat for %.0f s; reaped (failed and re-queued)", trial_id, grace)
+        if done and frozen is not None:
+            log.warning(
+                "trial %d: no heartbeat for %.0f s; reaped (failed, %s)",
+                frozen.number,
+                grace,
+                "re-queued"
+                if callback is not None and requeues(frozen, max_retry)
+                else "not re-queued: retries used up",
+            )
             failed.append(trial_id)
     return failed
 
@@ -309,6 +316,12 @@ def server_uptime(conn: sqlalchemy.Connection) -> float | None:
     except DBAPIError:
         return None
     return float(got) if got is not None else None
+
+
+def requeues(frozen: optuna.trial.FrozenTrial, max_retry: int | None) -> bool:
+    """Whether failing ``frozen`` (as it was before the failure) queues a copy: fewer than ``max_retry`` retries so
+    far (the rule of :func:`fail_and_requeue`)."""
+    return max_retry is None or len(frozen.system_attrs.get("retry_history", [])) + 1 <= max_retry
 
 
 def fail_and_requeue(
@@ -492,10 +505,17 @@ def abandon_live(study: optuna.Study) -> list[int]:
     failed = []
     for trial_id in ids:
         try:
-            if fail_and_requeue(study, trial_id, {"reason": "interrupted"}, True, max_retry)[1]:
+            frozen, done = fail_and_requeue(study, trial_id, {"reason": "interrupted"}, True, max_retry)
+            if done and frozen is not None:
+                log.warning(
+                    "trial %d: failed (reason=interrupted), %s",
+                    frozen.number,
+                    "re-queued" if requeues(frozen, max_retry) else "not re-queued: retries used up",
+                )
                 failed.append(trial_id)
         except Exception as exc:
-            log.warning("trial id %d not re-queued (%s); the grace period reaps it", trial_id, exc)
+            reason = " ".join(str(exc).split())[:200]
+            log.warning("trial id %d not re-queued (%s); the grace period reaps it", trial_id, reason)
             break
     return failed
 

@@ -1,7 +1,15 @@
 """The single-trial pull loop: one trial at a time, any objective, until the study's budget is met.
 
 Signals. The first SIGTERM/SIGINT stops the running trial at its next step; it is failed and re-queued, and the
-worker exits 0. A second signal exits at once (status 130); heartbeats then reap the trial.
+worker exits 0. A second signal exits at once (status 130); heartbeats then reap the trial. A plain Optuna objective
+(one that takes no hpo Context, so never calls ``check_stop()``) is interrupted where it runs: the signal raises in
+it, as Ctrl-C raises KeyboardInterrupt, and its trial is failed and re-queued at once.
+
+Callbacks. A study file's ``callbacks:`` are called ``cb(study, frozen_trial)`` after each trial this worker ran
+is stored, as Optuna's ``study.optimize(callbacks=...)`` calls them (not after a trial interrupted or re-queued: it
+runs again). ``trial.study.stop()`` in an objective or ``study.stop()`` in a callback stops this worker after the
+trial is stored, as it stops the ``optimize`` loop it is called in; other workers go on (a callback that reads the
+study, e.g. early stopping, stops each of them after its own next trial).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 from optuna.trial import TrialState
@@ -56,6 +64,8 @@ class _Signals:
         self.stop, self.stop_timeout, self.study = stop, stop_timeout, study
         self.previous: dict[int, Any] = {}
         self.done = threading.Event()
+        #: set while a plain objective runs in the main thread: the signal then raises :class:`StopNow` in it
+        self.interruptible = False
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
@@ -74,6 +84,9 @@ class _Signals:
         )
         self.stop.set()
         threading.Thread(target=self._watchdog, name="stop-timeout", daemon=True).start()
+        if self.interruptible:  # a plain objective never calls check_stop(): stop it where it is
+            self.interruptible = False
+            raise StopNow()
 
     def _watchdog(self) -> None:
         if self.done.wait(self.stop_timeout):
@@ -90,6 +103,11 @@ class _Signals:
         self.done.set()
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class StopNow(BaseException):
+    """Raised by the signal handler inside a plain objective (a BaseException, as KeyboardInterrupt is, so that the
+    objective's own ``except Exception`` does not swallow it); its trial is failed and re-queued."""
 
 
 def run_worker(
@@ -137,6 +155,8 @@ def run_worker(
 
         preflight(spec, f"stored study {name!r}")  # e.g. a data folder missing on this machine: before any trial
     opts = agree_on_grace(study, opts)
+    if spec.sampler.callables():  # the file's (or the checked stored file's) functions: load() imports none
+        study.sampler = make_sampler(spec)
     if spec.sampler.seed is not None and opts.seed_offset:
         # each trial is drawn from (seed, trial number) already (hpo.samplers.seed_per_trial): an offset is a
         # different stream on purpose
@@ -145,6 +165,7 @@ def run_worker(
         )
         study.sampler = make_sampler(seeded)
     objective = resolve(spec.objective.kind)
+    callbacks = user_callbacks(spec.callbacks)
     device = resolve_device(opts.device if opts.device != "cpu" else getattr(spec.objective, "device", "cpu"))
     threads = thread_budget(opts.threads or getattr(spec.objective, "threads", None))
     _set_threads(threads)
@@ -154,8 +175,14 @@ def run_worker(
     result = WorkerResult()
     failures = 0
 
+    # checkpoints no trial resumes from: swept at the start, after a failure, at the end
+    sweep = _checkpoint_sweeper(study, spec)
+    if sweep is not None:
+        sweep()
     signals = _Signals(stop, opts.stop_timeout, study)
-    with signals if opts.handle_signals else contextlib.nullcontext():
+    interrupt = signals if opts.handle_signals and threading.current_thread() is threading.main_thread() else None
+    study._thread_local.in_optimize_loop = True  # as in study.optimize: trial.study.stop() may be called
+    with signals if opts.handle_signals else contextlib.nullcontext(), _leaving_loop(study):
         size = _population_size(spec, opts.population)
         if size > 1:  # population mode (issue 8) runs to the budget; the loop below then finds it met
             from hpo.worker.population import run_population
@@ -180,7 +207,9 @@ def run_worker(
             if trial is None:
                 result.reason = result.reason or "budget met"
                 break
-            frozen, outcome = _run_one(study, trial, spec, objective, device, threads, stop, opts, storage_url)
+            frozen, outcome = _run_one(
+                study, trial, spec, objective, device, threads, stop, opts, storage_url, interrupt
+            )
             result.ran += 1
             result.trials.append(frozen.number)
             if frozen.state == TrialState.COMPLETE:
@@ -191,8 +220,12 @@ def run_worker(
                 failures = 0
             else:
                 result.failed += 1
+                if sweep is not None:
+                    sweep()
                 if outcome == "interrupted":
                     result.interrupted = True
+                    if opts.on_trial is not None:  # its line too: failed, reason=interrupted, re-queued
+                        opts.on_trial(frozen)
                     break
                 if outcome in ("requeued", "dropped"):  # a database error or a reap, not the objective's fault
                     continue
@@ -204,10 +237,54 @@ def run_worker(
                     )
             if opts.on_trial is not None:
                 opts.on_trial(frozen)
+            if outcome in ("done", "bad value"):  # stored for good: Optuna's callbacks see it
+                _call_back(callbacks, study, frozen)
+            if study._stop_flag or getattr(trial.study, "_stop_flag", False):  # trial.study is this worker's view
+                result.reason = "stopped by study.stop()"
+                break
     if stop.is_set():
         result.interrupted = True
         result.reason = "stopped by signal"
+    elif sweep is not None:
+        sweep()
     return result
+
+
+@contextlib.contextmanager
+def _leaving_loop(study: optuna.Study) -> Any:
+    try:
+        yield
+    finally:
+        study._thread_local.in_optimize_loop = False
+
+
+def user_callbacks(refs: list[str]) -> list[tuple[str, Any]]:
+    """The study file's ``callbacks:`` (``module:function``), imported (a worker started by name was checked by
+    :func:`hpo.trust.check_stored` before it got here)."""
+    from hpo.user_code import callbacks
+
+    return callbacks(refs)
+
+
+def _call_back(callbacks: list[tuple[str, Any]], study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+    """Call each callback as Optuna does, ``cb(study, frozen_trial)``. One that raises stops this worker, as it ends
+    Optuna's ``optimize``, in one line naming it (the trial itself is stored already)."""
+    for ref, cb in callbacks:
+        try:
+            cb(study, frozen)
+        except Exception as exc:
+            raise HpoError(
+                f"callback {ref} raised {type(exc).__name__}: {exc} after trial {frozen.number}; stopping this worker"
+            ) from None
+
+
+def _checkpoint_sweeper(study: optuna.Study, spec: StudySpec) -> Any:
+    cfg = getattr(spec.objective, "checkpoint", None)
+    if cfg is None:  # no torch import for objectives without checkpoints
+        return None
+    from hpo.objectives.checkpoints import sweeper
+
+    return sweeper(study, cfg)
 
 
 def _own_grace(opts: WorkerOptions) -> float | None:
@@ -251,6 +328,27 @@ def _next_trial(
         # The budget is taken, but trials still run: wait for them, reaping any whose worker died.
         stop.wait(min(1.0, opts.heartbeat_interval / 2))
     return None
+
+
+class SpaceTrial(optuna.Trial):
+    """The trial a user's objective gets when the study file has a ``space:``: hpo draws those entries before the
+    objective runs, so an objective's own ``trial.suggest_*`` of the same name gets the space's value, as Optuna
+    answers a second suggest of one name. Where the objective asks another range, that is said once per worker and
+    name (a warning naming both), never silently."""
+
+    said: ClassVar[set[str]] = set()
+
+    def _suggest(self, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
+        have = self._cached_frozen_trial.distributions.get(name)
+        value = super()._suggest(name, distribution)
+        if have is not None and have != distribution and name not in SpaceTrial.said:
+            SpaceTrial.said.add(name)
+            log.warning(
+                "parameter %r: the objective asks %s, the study file's space.%s says %s; the space decides "
+                "(trial %d: %s=%r); widen space.%s or leave it out to let the objective's own range decide",
+                name, distribution, name, have, self.number, name, value, name,
+            )  # fmt: skip
+        return value
 
 
 class BadValue(Exception):
@@ -301,6 +399,7 @@ def _run_one(
     stop: threading.Event,
     opts: WorkerOptions,
     url: str,
+    interrupt: _Signals | None = None,
 ) -> tuple[optuna.trial.FrozenTrial, str]:
     """Run one trial and store its outcome: ``"done"``, ``"bad value"`` (failed on a value Optuna refuses),
     ``"interrupted"``, ``"requeued"`` (database error) or ``"dropped"`` (the trial was finished elsewhere, reaped,
@@ -329,7 +428,19 @@ def _run_one(
                 attrs["reason"] = None
             set_trial_attrs(trial, attrs, replace=bool(inherited.keys() & attrs.keys()))
             ctx = Context(spec=spec, params=params, seed=seed, threads=threads, device=device, stop=stop)
-            result = objective(trial, ctx)
+            trial.study._thread_local.in_optimize_loop = True  # its own view's (a copy has its own): stop() works
+            if ":" in spec.objective.kind and spec.space:  # the space decides a name a user's objective also
+                trial.__class__ = SpaceTrial  # suggests: said, not silent
+            plain = interrupt is not None and not uses_context(objective)
+            if plain:
+                if stop.is_set():
+                    raise StopNow()
+                interrupt.interruptible = True  # type: ignore[union-attr]
+            try:
+                result = objective(trial, ctx)
+            finally:
+                if interrupt is not None:
+                    interrupt.interruptible = False
             value = _values(result, spec)
             state = TrialState.COMPLETE
         except BadValue as exc:  # Optuna's answer: FAIL, one warning line, and the study goes on
@@ -340,7 +451,7 @@ def _run_one(
             # the message kept where hpo keeps a pruned trial's why, unless the objective wrote its own
             if getattr(trial, "_cached_frozen_trial", trial).user_attrs.get("reason") is None:
                 reason = str(exc) or "pruned"
-        except Interrupted:
+        except (Interrupted, StopNow):
             outcome, reason = "interrupted", "interrupted"
         except optuna.exceptions.UpdateFinishedTrialError:  # reaped while it ran: its copy runs (or ran) elsewhere
             frozen = with_db_retry(

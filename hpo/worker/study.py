@@ -269,7 +269,10 @@ def load(
     with contextlib.suppress(Exception):  # a read-only role cannot migrate; what it reads is masked by the worker
         mask_stored_spec(summary)
     study = optuna.load_study(
-        study_name=study_name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec.pruner)
+        study_name=study_name,
+        storage=storage,
+        sampler=make_sampler(spec, callables=False),  # a stored constraints_func is code: the worker adds it
+        pruner=make_pruner(spec.pruner),
     )
     return study, spec
 
