@@ -846,9 +846,11 @@ def studies(
     if fmt == OutputFormat.table:
         for r in rows:
             r["sampler"] = (r["sampler"] or {}).get("name") if isinstance(r["sampler"], dict) else r["sampler"]
+            if r.get("strategy"):  # auto: the strategy it chose, in words
+                r["sampler"] = f"{r['sampler']}: {r['strategy']}"
             r["pruner"] = (r["pruner"] or {}).get("name") if isinstance(r["pruner"], dict) else r["pruner"]
             if not columns:
-                for key in ("budget", "waiting", "best_trial", "metric"):
+                for key in ("budget", "waiting", "best_trial", "metric", "strategy"):
                     r.pop(key, None)
     _emit(rows, fmt, f"studies in {mask(url)}", wanted=columns, all_columns=every)
 

@@ -139,7 +139,8 @@ def studies(storage_url: str) -> list[dict[str, Any]]:
         One dict per study: ``name``, ``direction``, ``n_trials``, one count per state (``complete``, ``pruned``,
         ``fail``, ``running``, ``waiting``), ``best_value``, ``best_trial``, ``created`` (first trial start),
         ``updated`` (last trial completion), ``metric``, ``sampler``, ``pruner``, ``budget`` (as stored by hpo),
-        ``checkpoint_mb`` (checkpoints held by the study's trials; None where none ever checkpointed).
+        ``strategy`` (the ``auto`` sampler's, in words), ``checkpoint_mb`` (checkpoints held by the study's trials;
+        None where none ever checkpointed).
     """
     engine = _engine(storage_url)
     t = models.TrialModel.__table__
@@ -185,6 +186,7 @@ def studies(storage_url: str) -> list[dict[str, Any]]:
                     "updated": _iso(last.get(sid)),
                     "metric": cell(fs.user_attrs.get("metric")),
                     **{k: _small(fs.user_attrs.get(k)) for k in ("sampler", "pruner", "budget")},
+                    "strategy": cell(fs.user_attrs.get("strategy")),  # the auto sampler's, in words
                     "checkpoint_mb": round(ckpt_bytes[sid] / 2**20, 3) if sid in ckpt_bytes else None,
                 }
             )

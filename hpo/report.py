@@ -1144,6 +1144,12 @@ def build_report(study: optuna.Study, spec: StudySpec | None = None) -> str:
         f"{html.escape(visible(', '.join(ctx.metrics) if ctx.multi else ctx.metric))};"
         f" {sum(counts.values())} trials: {html.escape(count_txt)}. Generated {now}.</p>"
         + (
+            f"<p class='meta' id='strategy'>Search: {html.escape(visible(str(study.user_attrs['strategy'])))} "
+            "(the auto sampler's choice, stored on the study).</p>"
+            if isinstance(study.user_attrs.get("strategy"), str)
+            else ""
+        )
+        + (
             f"<p class='meta' id='sample'>{html.escape(sample.describe()[:1].upper() + sample.describe()[1:])}; no optimisation history "
             "(a sample has no order). <code>hpo trials -f csv</code> exports every trial.</p>"
             if sample

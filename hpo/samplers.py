@@ -39,9 +39,17 @@ def make_sampler(spec: StudySpec, callables: bool = True) -> optuna.samplers.Bas
 
     Example:
         ``sampler: {name: tpe, seed: 0, kwargs: {multivariate: true, constant_liar: true}}``
+
+    ``auto`` (the default: no ``sampler:``) is hpo's own strategy, :class:`hpo.auto_sampler.AutoSampler`: GP while
+    trials are expensive enough to pay for it, multivariate TPE otherwise.
     """
     s = spec.sampler
-    cls = getattr(optuna.samplers, _CLASSES[s.name])
+    if s.name == "auto":
+        from hpo.auto_sampler import AutoSampler
+
+        cls: Any = AutoSampler
+    else:
+        cls = getattr(optuna.samplers, _CLASSES[s.name])
     kwargs: dict[str, Any] = dict(s.kwargs)
     for key in spec.sampler.callables():  # user code: imported only where the caller trusts the file
         kwargs.pop(key)

@@ -366,7 +366,7 @@ ObjectiveSpec = Annotated[
 # --------------------------------------------------------------------------- sampler, pruner, budget
 
 
-SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2", "nsgaii", "nsga3")
+SAMPLERS: tuple[str, ...] = ("auto", "tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2", "nsgaii", "nsga3")
 PRUNERS: tuple[str, ...] = (
     "none",
     "median",
@@ -386,7 +386,9 @@ CALLABLE_KWARGS: tuple[str, ...] = ("constraints_func", "gamma", "weights")
 
 
 class SamplerSpec(_Strict):
-    name: Literal["tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2", "nsgaii", "nsga3"] = "tpe"
+    #: ``auto`` (the default): hpo's strategy, GP while trials are expensive, multivariate TPE otherwise
+    #: (:mod:`hpo.auto_sampler`)
+    name: Literal["auto", "tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2", "nsgaii", "nsga3"] = "auto"
     seed: int | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 

@@ -149,7 +149,7 @@ def test_a_resumed_seeded_sampler_draws_new_points(tmp_path: Path) -> None:
     assert two[:4] == straight[:4]  # the 4 startup trials are random: the same points whichever worker draws them
 
 
-SAMPLERS = ["tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2"]
+SAMPLERS = ["auto", "tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2"]
 PRUNERS = [
     ("none", {}),
     ("median", {}),
