@@ -7,8 +7,10 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY deploy/constraints.txt ./deploy/
 COPY hpo ./hpo
-RUN pip install . && useradd --create-home --uid 1000 hpo \
+# every runtime dependency at the exact version the suite ran with (deploy/constraints.txt)
+RUN pip install -c deploy/constraints.txt . && useradd --create-home --uid 1000 hpo \
     && mkdir -p /var/lib/hpo/checkpoints && chown hpo:hpo /var/lib/hpo/checkpoints && chmod 700 /var/lib/hpo/checkpoints
 COPY studies ./studies
 # Checkpoints go to a folder the worker's user owns (the relative default would be under /app, which is root's);

@@ -144,7 +144,49 @@ def test_commands_are_real_hpo_commands(compose: dict[str, Any]) -> None:
 def test_dockerfile_installs_cpu_torch_then_hpo() -> None:
     text = (ROOT / "Dockerfile").read_text()
     torch = text.index("torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
-    assert torch < text.index("pip install .")
+    assert torch < text.index("pip install -c deploy/constraints.txt .")
+
+
+def test_the_images_python_dependencies_are_pinned() -> None:
+    """Issue 22 item 8: the image installs every runtime dependency of hpo, and theirs, at an exact version
+    (deploy/constraints.txt) that satisfies pyproject.toml's range."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    assert "COPY deploy/constraints.txt" in (ROOT / "Dockerfile").read_text()
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    todo, seen = [Requirement(r) for r in declared], set()
+    while todo:  # the runtime closure, as installed here
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        if name == "torch":  # installed first from PyTorch's CPU index at its own pin
+            continue
+        assert name in pins, f"{name} is not pinned in deploy/constraints.txt"
+        if req in [Requirement(r) for r in declared]:
+            assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(req.specifier))
+        dist = md.distribution(req.name)
+        for extra in req.extras:
+            todo += [
+                Requirement(r)
+                for r in dist.requires or []
+                if Requirement(r).marker and Requirement(r).marker.evaluate({"extra": extra})
+            ]
+        todo += [
+            Requirement(r)
+            for r in dist.requires or []
+            if not (Requirement(r).marker and "extra" in str(Requirement(r).marker))
+        ]
 
 
 def native_env(service: dict[str, Any], compose_env: dict[str, str], secrets: Path, database: str) -> dict[str, str]:
