@@ -289,8 +289,9 @@ def test_worker_whose_live_trial_is_reaped_carries_on(
     """A live trial reaped anyway (the study's grace period cut to 2 s under it): the worker does not crash. If it
     reports again it finds the trial finished, says so and drops it (its copy runs next); if its objective returns
     first, its result is stored on the re-queued copy."""
-    # one heartbeat in the trial's 16 s (at its start), so the reap below finds it stale however slow the machine
-    study = steady_study(tmp_path, study_name, n_trials=1, seconds=16, report_every=0.5 if reports else 0)
+    # one heartbeat in the trial's first 30 s (at its start), so the reap below finds it stale; the trial lasts 16 s
+    # scaled by the machine's slowdown, so that it is still running when the two commands before the reap are done
+    study = steady_study(tmp_path, study_name, n_trials=1, seconds=ceiling(16), report_every=0.5 if reports else 0)
     assert hpo_cli("create", str(study), "--storage", postgres_url, "--grace", "60", env=ENV).returncode == 0
     proc = worker(study_name, postgres_url, flags=["--heartbeat", "30", "--threads", "1"])
     wait_for(lambda: started(tmp_path), "a trial to start")
