@@ -62,6 +62,17 @@ def _engine(url: str) -> sa.Engine:
     return engine
 
 
+@contextlib.contextmanager
+def _connected(url: str) -> Iterator[sa.Connection]:
+    """One read-only connection on :func:`_engine`, the engine disposed after."""
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
 def _sid(conn: sa.Connection, study: str, url: str) -> int:
     s = models.StudyModel.__table__
     sid = conn.execute(sa.select(s.c.study_id).where(s.c.study_name == study)).scalar()
@@ -325,12 +336,8 @@ def study_params(storage_url: str, study: str) -> list[str]:
     Raises:
         StudyError: no such study.
     """
-    engine = _engine(storage_url)
-    try:
-        with engine.connect() as conn:
-            return param_names(conn, _sid(conn, study, storage_url))
-    finally:
-        engine.dispose()
+    with _connected(storage_url) as conn:
+        return param_names(conn, _sid(conn, study, storage_url))
 
 
 def study_metrics(storage_url: str, study: str) -> list[str]:
@@ -339,13 +346,7 @@ def study_metrics(storage_url: str, study: str) -> list[str]:
     Raises:
         StudyError: no such study.
     """
-    engine = _engine(storage_url)
-    try:
-        with engine.connect() as conn:
-            sid = _sid(conn, study, storage_url)
-            return _metrics_of(_study_info(conn, [sid])[sid])
-    finally:
-        engine.dispose()
+    return _metrics_of(_one_study_info(storage_url, study))
 
 
 def trials(
@@ -443,18 +444,14 @@ def best_and_params(storage_url: str, study: str, n: int | None = None) -> tuple
     """(:func:`best`, the study's parameter names (:func:`study_params`)) on one connection, for ``hpo best``."""
     if n is not None and n < 1:
         raise HpoError(f"n must be >= 1 (got {n})")
-    engine = _engine(storage_url)
-    try:
-        with engine.connect() as conn:
-            sid = _sid(conn, study, storage_url)
-            info = _study_info(conn, [sid])[sid]
-            names = _param_names(conn, sid, info.user_attrs)
-            if len(info.directions) == 1:
-                ranked = [tid for tid, _, _ in _ranked(conn, sid, info.directions[0], 1 if n is None else n)]
-                raws = {r["trial_id"]: r for r in _read_trials(conn, ranked)}
-                return [raw_record(raws[tid], ()) for tid in ranked], names
-    finally:
-        engine.dispose()
+    with _connected(storage_url) as conn:
+        sid = _sid(conn, study, storage_url)
+        info = _study_info(conn, [sid])[sid]
+        names = _param_names(conn, sid, info.user_attrs)
+        if len(info.directions) == 1:
+            ranked = [tid for tid, _, _ in _ranked(conn, sid, info.directions[0], 1 if n is None else n)]
+            raws = {r["trial_id"]: r for r in _read_trials(conn, ranked)}
+            return [raw_record(raws[tid], ()) for tid in ranked], names
     return _front(_storage(storage_url), study, sid)[:n], names
 
 
@@ -888,19 +885,20 @@ class TrialsView:
         return self.used < self.total
 
 
+def _one_study_info(storage_url: str, study: str) -> SimpleNamespace:
+    """One study's :func:`_study_info` on a connection of its own."""
+    with _connected(storage_url) as conn:
+        sid = _sid(conn, study, storage_url)
+        return _study_info(conn, [sid])[sid]
+
+
 def study_user_attrs(storage_url: str, study: str) -> dict[str, Any]:
     """A study's user attributes (its stored study file among them), by SQL.
 
     Raises:
         StudyError: no such study.
     """
-    engine = _engine(storage_url)
-    try:
-        with engine.connect() as conn:
-            sid = _sid(conn, study, storage_url)
-            return _study_info(conn, [sid])[sid].user_attrs
-    finally:
-        engine.dispose()
+    return _one_study_info(storage_url, study).user_attrs
 
 
 def complete_trials(
@@ -916,66 +914,62 @@ def complete_trials(
     """
     t, v = models.TrialModel.__table__, models.TrialValueModel.__table__
     p, u = models.TrialParamModel.__table__, models.TrialUserAttributeModel.__table__
-    engine = _engine(storage_url)
-    try:
-        with engine.connect() as conn:
-            sid = _sid(conn, study, storage_url)
-            info = _study_info(conn, [sid])[sid]
-            finite = (
-                sa.select(t.c.trial_id, v.c.value)
-                .join(v, v.c.trial_id == t.c.trial_id)
-                .where(
-                    t.c.study_id == sid,
-                    t.c.state == TrialState.COMPLETE,
-                    v.c.objective == 0,
-                    v.c.value_type == models.TrialValueModel.TrialValueType.FINITE,
-                )
-                .order_by(t.c.trial_id)
+    with _connected(storage_url) as conn:
+        sid = _sid(conn, study, storage_url)
+        info = _study_info(conn, [sid])[sid]
+        finite = (
+            sa.select(t.c.trial_id, v.c.value)
+            .join(v, v.c.trial_id == t.c.trial_id)
+            .where(
+                t.c.study_id == sid,
+                t.c.state == TrialState.COMPLETE,
+                v.c.objective == 0,
+                v.c.value_type == models.TrialValueModel.TrialValueType.FINITE,
             )
-            ids = [r[0] for r in conn.execute(finite.with_only_columns(t.c.trial_id))]
-            swept = {
-                tid: _attr(value)
-                for tid, value in conn.execute(
-                    sa.select(u.c.trial_id, u.c.value_json)
-                    .join(t, t.c.trial_id == u.c.trial_id)
-                    .where(t.c.study_id == sid, u.c.key == "sweeps")
+            .order_by(t.c.trial_id)
+        )
+        ids = [r[0] for r in conn.execute(finite.with_only_columns(t.c.trial_id))]
+        swept = {
+            tid: _attr(value)
+            for tid, value in conn.execute(
+                sa.select(u.c.trial_id, u.c.value_json)
+                .join(t, t.c.trial_id == u.c.trial_id)
+                .where(t.c.study_id == sid, u.c.key == "sweeps")
+            )
+        }
+        chosen = ids
+        if len(ids) > size:
+            kept = [i for i in ids if i in swept][:size]
+            rest = [i for i in ids if i not in swept]
+            chosen = sorted(kept + random.Random(seed).sample(rest, min(len(rest), size - len(kept))))
+        trials: dict[int, SimpleNamespace] = {}
+        external = _decoder()
+        parsed: dict[str, optuna.distributions.BaseDistribution] = {}
+        for lo in range(0, len(chosen), 1000):  # IN lists of 1,000: within every backend's limits
+            part = chosen[lo : lo + 1000]
+            for tid, number, value in conn.execute(
+                sa.select(t.c.trial_id, t.c.number, v.c.value)
+                .join(v, v.c.trial_id == t.c.trial_id)
+                .where(t.c.trial_id.in_(part), v.c.objective == 0)
+            ):
+                sweeps = swept.get(tid)
+                trials[tid] = SimpleNamespace(
+                    number=number,
+                    state=TrialState.COMPLETE,
+                    value=float(value),
+                    params={},
+                    distributions={},
+                    user_attrs={} if sweeps is None else {"sweeps": sweeps},
                 )
-            }
-            chosen = ids
-            if len(ids) > size:
-                kept = [i for i in ids if i in swept][:size]
-                rest = [i for i in ids if i not in swept]
-                chosen = sorted(kept + random.Random(seed).sample(rest, min(len(rest), size - len(kept))))
-            trials: dict[int, SimpleNamespace] = {}
-            external = _decoder()
-            parsed: dict[str, optuna.distributions.BaseDistribution] = {}
-            for lo in range(0, len(chosen), 1000):  # IN lists of 1,000: within every backend's limits
-                part = chosen[lo : lo + 1000]
-                for tid, number, value in conn.execute(
-                    sa.select(t.c.trial_id, t.c.number, v.c.value)
-                    .join(v, v.c.trial_id == t.c.trial_id)
-                    .where(t.c.trial_id.in_(part), v.c.objective == 0)
-                ):
-                    sweeps = swept.get(tid)
-                    trials[tid] = SimpleNamespace(
-                        number=number,
-                        state=TrialState.COMPLETE,
-                        value=float(value),
-                        params={},
-                        distributions={},
-                        user_attrs={} if sweeps is None else {"sweeps": sweeps},
-                    )
-                for tid, name, value, dist in conn.execute(
-                    sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json).where(
-                        p.c.trial_id.in_(part), p.c.param_name.in_(list(params))
-                    )
-                ):
-                    if dist not in parsed:
-                        parsed[dist] = optuna.distributions.json_to_distribution(dist)
-                    trials[tid].params[name] = external(dist, value)
-                    trials[tid].distributions[name] = parsed[dist]
-    finally:
-        engine.dispose()
+            for tid, name, value, dist in conn.execute(
+                sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json).where(
+                    p.c.trial_id.in_(part), p.c.param_name.in_(list(params))
+                )
+            ):
+                if dist not in parsed:
+                    parsed[dist] = optuna.distributions.json_to_distribution(dist)
+                trials[tid].params[name] = external(dist, value)
+                trials[tid].distributions[name] = parsed[dist]
     ordered = sorted(trials.values(), key=lambda x: x.number)
     direction = info.directions[0] if info.directions else optuna.study.StudyDirection.MINIMIZE
     return TrialsView(info.user_attrs, direction, ordered, len(ids), seed)
@@ -991,31 +985,27 @@ def finished_trials(storage_url: str, study: str, attrs_of: Container[int] = ())
     """
     t = models.TrialModel.__table__
     done = [s for s in TrialState if s.is_finished()]
-    engine = _engine(storage_url)
-    try:
-        with engine.connect() as conn:
-            sid = _sid(conn, study, storage_url)
-            rows = [
-                {
-                    "trial_id": tid,
-                    "number": number,
-                    "state": state.name if isinstance(state, TrialState) else str(state),
-                }
-                for tid, number, state in conn.execute(
-                    sa.select(t.c.trial_id, t.c.number, t.c.state)
-                    .where(t.c.study_id == sid, t.c.state.in_(done))
-                    .order_by(t.c.trial_id)
-                )
-            ]
-            wanted = [r["trial_id"] for r in rows if r["trial_id"] in attrs_of]
-            u = models.TrialUserAttributeModel.__table__
-            attrs: dict[int, dict[str, Any]] = {}
-            for lo in range(0, len(wanted), 1000):  # IN lists of 1,000: within every backend's limits
-                stmt = sa.select(u.c.trial_id, u.c.key, u.c.value_json).where(u.c.trial_id.in_(wanted[lo : lo + 1000]))
-                for tid, key, value in conn.execute(stmt):
-                    attrs.setdefault(tid, {})[key] = _attr(value)
-    finally:
-        engine.dispose()
+    with _connected(storage_url) as conn:
+        sid = _sid(conn, study, storage_url)
+        rows = [
+            {
+                "trial_id": tid,
+                "number": number,
+                "state": state.name if isinstance(state, TrialState) else str(state),
+            }
+            for tid, number, state in conn.execute(
+                sa.select(t.c.trial_id, t.c.number, t.c.state)
+                .where(t.c.study_id == sid, t.c.state.in_(done))
+                .order_by(t.c.trial_id)
+            )
+        ]
+        wanted = [r["trial_id"] for r in rows if r["trial_id"] in attrs_of]
+        u = models.TrialUserAttributeModel.__table__
+        attrs: dict[int, dict[str, Any]] = {}
+        for lo in range(0, len(wanted), 1000):  # IN lists of 1,000: within every backend's limits
+            stmt = sa.select(u.c.trial_id, u.c.key, u.c.value_json).where(u.c.trial_id.in_(wanted[lo : lo + 1000]))
+            for tid, key, value in conn.execute(stmt):
+                attrs.setdefault(tid, {})[key] = _attr(value)
     for r in rows:
         if r["trial_id"] in attrs_of:
             r["user_attrs"] = attrs.get(r["trial_id"], {})
