@@ -382,11 +382,10 @@ def _start_child(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Po
 
 def _stop_mark(name: str, url: str) -> Any:
     """The study's record of the last ``study.stop()`` (:data:`hpo.worker.single.STOP_MARK`), or None."""
-    from hpo.storage import open_storage
+    from hpo import query
     from hpo.worker.single import STOP_MARK
 
-    storage = open_storage(url)
-    return storage.get_study_system_attrs(storage.get_study_id_from_name(name)).get(STOP_MARK)
+    return query.study_system_attrs(url, name).get(STOP_MARK)  # by SQL: no Optuna storage set up twice a run
 
 
 def _finished_ids(name: str, url: str) -> set[int]:

@@ -340,6 +340,15 @@ def study_params(storage_url: str, study: str) -> list[str]:
         return param_names(conn, _sid(conn, study, storage_url))
 
 
+def study_system_attrs(storage_url: str, study: str) -> dict[str, Any]:
+    """A study's system attributes (e.g. the stop mark of :mod:`hpo.worker.single`), by SQL.
+
+    Raises:
+        StudyError: no such study.
+    """
+    return _one_study_info(storage_url, study).system_attrs
+
+
 def study_metrics(storage_url: str, study: str) -> list[str]:
     """A study's metric names, one per objective (:func:`metric_names`).
 
